@@ -1,0 +1,280 @@
+"""Typed run configuration: dataclass schema ← YAML preset ← `key=value` overrides, validated.
+
+    cfg = load_config("tiny-cpu", ["optim.lr=3e-4", "truncation.k=5"])
+
+Every error is a `ConfigError` whose message is one line naming the field and what is accepted;
+it is raised on the driver before Ray starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).parent / "configs"
+PROMPT_DIR = Path(__file__).parent / "prompts"
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field and the accepted values."""
+
+
+@dataclass
+class ModelSection:
+    pretrained: Optional[str] = None  # hub id or local diffusers directory
+    tiny: bool = False  # build the tiny offline pipeline instead
+    revision: Optional[str] = None
+    dtype: str = "float32"  # frozen VAE / text encoder / UNet weights
+
+
+@dataclass
+class LoraSection:
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+    init: str = "zeros"  # zeros (lora_B = 0, the usual) or gaussian
+
+
+@dataclass
+class SamplingSection:
+    num_steps: int = 50  # N DDIM steps
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    resolution: int = 512
+    checkpoint_unet: bool = True  # activation checkpointing of every UNet call in the window
+    checkpoint_vae: bool = False
+
+
+@dataclass
+class TruncationSection:
+    strategy: str = "fixed"  # fixed | uniform | gaussian
+    k: int = 1  # fixed
+    low: int = 1  # uniform bounds (inclusive); also clip bounds for gaussian
+    high: int = 50
+    mean: float = 10.0  # gaussian
+    std: float = 5.0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainerSection:
+    batch_size: int = 2  # per worker
+    max_steps: int = 100  # optimizer steps
+    seed: int = 0
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: Optional[str] = None  # a path, or the name of a file in platform/prompts/
+    eval_prompts: list[str] = field(default_factory=list)
+    eval_seed: int = 1234
+    eval_every: int = 10  # 0 disables evaluation
+    ckpt_every: int = 10
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
+
+
+@dataclass
+class RaySection:
+    address: Optional[str] = None  # None: RAY_ADDRESS or a local Ray
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    storage_path: Optional[str] = None  # None: ~/ray_results
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingSection:
+    uri: Optional[str] = None  # None: sqlite:///<cwd>/mlflow.db
+    experiment: Optional[str] = None  # None: the config's name
+    run_name: Optional[str] = None  # None: <config name>-<hash of what shapes the training>
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    truncation: TruncationSection = field(default_factory=TruncationSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    rewards: list[Any] = field(default_factory=lambda: [{"name": "brightness", "weight": 1.0}])
+    eval_rewards: list[Any] = field(default_factory=list)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    ray: RaySection = field(default_factory=RaySection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """`tiny-cpu` → platform/configs/tiny-cpu.yaml; a path is taken as given."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"--config: unknown preset {name_or_path!r}; accepted: {', '.join(list_presets())} or a YAML path")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
+    """Merge schema ← preset ← overrides, validate, and return a typed (read-only) config."""
+    preset = resolve_preset(name_or_path)
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(RunConfig(name=preset.stem)),
+            OmegaConf.load(preset),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    first = str(err).splitlines()[0]
+    if "Key '" in first and "not in" in first:
+        return f"{key}: unknown key; accepted: {', '.join(_section_keys(key))}"
+    return f"{key}: {first}" if key else first
+
+
+def _section_keys(full_key: str) -> list[str]:
+    """The keys accepted beside `full_key` (e.g. optim.bogus → lr, betas, ...)."""
+    node: Any = RunConfig
+    for part in full_key.split(".")[:-1]:
+        node = {f.name: f for f in fields(node)}[part].default_factory
+    return [f.name for f in fields(node)]
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks the schema cannot express. Raises ConfigError (one line)."""
+    from alignprop.rewards import validate_reward_specs
+
+    m, s, t, o, tr = cfg.model, cfg.sampling, cfg.truncation, cfg.optim, cfg.trainer
+    _check(m.tiny != bool(m.pretrained), "model", "set exactly one of model.pretrained (hub id or local dir) or model.tiny=true")
+    _check(m.dtype in DTYPE_NAMES, "model.dtype", f"got {m.dtype!r}; accepted: {', '.join(DTYPE_NAMES)}")
+    _check(cfg.lora.rank >= 1, "lora.rank", f"got {cfg.lora.rank}; accepted: an integer >= 1")
+    _check(cfg.lora.alpha > 0, "lora.alpha", f"got {cfg.lora.alpha}; accepted: > 0")
+    _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", "empty; accepted: module names such as to_q, to_k, to_v, to_out.0")
+    _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"got {cfg.lora.dropout}; accepted: 0 <= dropout < 1")
+    _check(cfg.lora.init in ("zeros", "gaussian"), "lora.init", f"got {cfg.lora.init!r}; accepted: zeros, gaussian")
+    _check(s.num_steps >= 1, "sampling.num_steps", f"got {s.num_steps}; accepted: an integer >= 1")
+    _check(s.guidance_scale >= 1, "sampling.guidance_scale", f"got {s.guidance_scale}; accepted: >= 1 (1 disables classifier-free guidance)")
+    _check(0 <= s.eta <= 1, "sampling.eta", f"got {s.eta}; accepted: 0 <= eta <= 1")
+    _check(s.resolution >= 8 and s.resolution % 8 == 0, "sampling.resolution", f"got {s.resolution}; accepted: a multiple of 8, >= 8")
+    _validate_truncation(t, s.num_steps)
+    _check(o.lr > 0, "optim.lr", f"got {o.lr}; accepted: > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"got {list(o.betas)}; accepted: two numbers in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"got {o.weight_decay}; accepted: >= 0")
+    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", f"got {o.max_grad_norm}; accepted: >= 0 (0 disables clipping)")
+    _check(o.grad_accum >= 1, "optim.grad_accum", f"got {o.grad_accum}; accepted: an integer >= 1")
+    _check(tr.batch_size >= 1, "trainer.batch_size", f"got {tr.batch_size}; accepted: an integer >= 1")
+    _check(tr.max_steps >= 1, "trainer.max_steps", f"got {tr.max_steps}; accepted: an integer >= 1")
+    _check(tr.eval_every >= 0, "trainer.eval_every", f"got {tr.eval_every}; accepted: >= 0 (0 disables)")
+    _check(tr.ckpt_every >= 1, "trainer.ckpt_every", f"got {tr.ckpt_every}; accepted: an integer >= 1")
+    _check(tr.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"got {tr.keep_checkpoints}; accepted: an integer >= 1")
+    _check(bool(tr.prompts) != bool(tr.prompt_file), "trainer.prompts", "set exactly one of trainer.prompts (a list) or trainer.prompt_file")
+    if tr.prompt_file:
+        _check(prompt_path(tr.prompt_file).is_file(), "trainer.prompt_file", f"no such file {tr.prompt_file!r}; accepted: a path or one of {sorted(p.name for p in PROMPT_DIR.glob('*.txt'))}")
+    _check(tr.eval_every == 0 or bool(tr.eval_prompts), "trainer.eval_prompts", "empty while trainer.eval_every > 0; give held-out prompts or set trainer.eval_every=0")
+    validate_reward_specs(cfg.rewards, "rewards", allow_empty=False)
+    validate_reward_specs(cfg.eval_rewards, "eval_rewards", allow_empty=True)
+    d = cfg.deepspeed
+    _check(d.zero_stage in (0, 1, 2), "deepspeed.zero_stage", f"got {d.zero_stage}; accepted: 0, 1, 2")
+    _check(d.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision", f"got {d.precision!r}; accepted: auto, fp32, bf16, fp16")
+    _check(d.precision in ("auto", "fp32") or cfg.ray.use_gpu, "deepspeed.precision", f"got {d.precision!r} with ray.use_gpu=false; accepted on CPU: auto, fp32")
+    r = cfg.ray
+    _check(r.num_workers >= 1, "ray.num_workers", f"got {r.num_workers}; accepted: an integer >= 1")
+    _check(r.max_failures >= -1, "ray.max_failures", f"got {r.max_failures}; accepted: >= 0, or -1 for unlimited")
+    _check(all(v >= 0 for v in r.resources_per_worker.values()), "ray.resources_per_worker", "accepted: non-negative amounts, e.g. {CPU: 1, GPU: 1}")
+    _check(cfg.tracking.uri is None or "://" in cfg.tracking.uri, "tracking.uri", f"got {cfg.tracking.uri!r}; accepted: a URI such as sqlite:///abs/path.db or http://127.0.0.1:5000")
+
+
+def _validate_truncation(t: TruncationSection, n: int) -> None:
+    strategies = ("fixed", "uniform", "gaussian")
+    _check(t.strategy in strategies, "truncation.strategy", f"got {t.strategy!r}; accepted: {', '.join(strategies)}")
+    if t.strategy == "fixed":
+        _check(1 <= t.k <= n, "truncation.k", f"got {t.k}; accepted: 1 <= k <= sampling.num_steps ({n})")
+    else:
+        _check(1 <= t.low <= t.high <= n, "truncation.low", f"got low={t.low}, high={t.high}; accepted: 1 <= low <= high <= sampling.num_steps ({n})")
+    if t.strategy == "gaussian":
+        _check(t.std > 0, "truncation.std", f"got {t.std}; accepted: > 0")
+
+
+def prompt_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    return path if path.exists() or path.is_absolute() else PROMPT_DIR / name
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """A plain dict (what travels to Ray workers and into YAML artifacts)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} → {"optim.lr": 1}; lists of reward dicts by name ("rewards.brightness.weight")."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list) and data and all(isinstance(x, dict) and "name" in x for x in data):
+        for item in data:
+            out.update(flatten({k: v for k, v in item.items() if k != "name"}, f"{prefix}{item['name']}."))
+    else:
+        out[prefix[:-1]] = data
+    return out
+
+
+# Keys that do not change the training trajectory: a rerun that only changes these resumes.
+_NOT_IN_RUN_HASH = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_every", "trainer.keep_checkpoints", "ray.", "tracking.")
+
+
+def run_name(cfg: RunConfig) -> str:
+    """Deterministic: an explicit tracking.run_name, else `<name>-<8 hex of the trajectory config>`."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    shaping = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(_NOT_IN_RUN_HASH)}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.name}-{digest}"

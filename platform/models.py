@@ -1,0 +1,148 @@
+"""Build the diffusion pipeline a run trains: a hub id / local diffusers directory, or the tiny
+Stable-Diffusion-shaped pipeline built offline from configs (random weights), plus LoRA on the UNet.
+
+    alignprop tiny-model /tmp/tiny-sd          # save the tiny pipeline as a diffusers directory
+    StableDiffusionPipeline.from_pretrained("/tmp/tiny-sd", local_files_only=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from alignprop.platform.config import LoraSection, ModelSection
+
+TINY_SEED = 0  # the tiny pipeline's weights are a pure function of this seed: every worker agrees
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+@lru_cache(maxsize=1)
+def _tiny_tokenizer_files() -> tuple[str, str]:
+    """A byte-level CLIP vocabulary (every byte, alone and word-final; no merges), written once."""
+    folder = Path(tempfile.gettempdir()) / f"alignprop-tiny-tokenizer-{os.getuid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    merges_file.write_text("#version: 0.2\n")
+    return str(vocab_file), str(merges_file)
+
+
+def build_tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    vocab_file, merges_file = _tiny_tokenizer_files()
+    return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length, pad_token="<|endoftext|>")
+
+
+def build_tiny_pipeline() -> StableDiffusionPipeline:
+    """The SD-shaped pipeline of NOTES.md (~1M-param UNet, 32×32 images), deterministic weights."""
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=32, sample_size=32,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(directory: str | os.PathLike) -> Path:
+    """`alignprop tiny-model DIR`: a diffusers directory that `from_pretrained` loads offline."""
+    build_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
+
+
+def load_pipeline(model: ModelSection) -> StableDiffusionPipeline:
+    """The frozen base pipeline named by the config, with a DDIM scheduler, in eval mode."""
+    dtype = DTYPES[model.dtype]
+    if model.tiny:
+        pipe = build_tiny_pipeline().to(dtype=dtype)
+    else:
+        local = Path(model.pretrained).expanduser().is_dir()
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(Path(model.pretrained).expanduser()) if local else model.pretrained,
+            revision=model.revision, torch_dtype=dtype, safety_checker=None,
+            requires_safety_checker=False, local_files_only=local,
+        )
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+        part.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_lora(unet: UNet2DConditionModel, lora: LoraSection) -> list[torch.nn.Parameter]:
+    """Attach a trainable LoRA adapter (fp32) to the frozen UNet; returns its parameters."""
+    unet.add_adapter(LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout, init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+    ))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers' key format, ready for `save_lora_weights`."""
+    state = get_peft_model_state_dict(unet)
+    return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> Path:
+    """Write `pytorch_lora_weights.safetensors`, loadable by `pipe.load_lora_weights(directory)`."""
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True
+    )
+    return Path(directory) / LORA_WEIGHTS_NAME

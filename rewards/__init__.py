@@ -1,0 +1,11 @@
+"""Differentiable rewards: `Reward` modules, one lookup dict, and the weighted combination.
+
+    rewards = build_rewards([{"name": "brightness", "weight": 1.0}])
+    total, parts = rewards(images, prompts)      # images: B×3×H×W in [0, 1]
+"""
+
+from alignprop.rewards.base import Reward, WeightedRewards, build_reward, build_rewards, validate_reward_specs
+from alignprop.rewards.analytic import Brightness, Colorfulness, Saturation
+
+__all__ = ["Reward", "WeightedRewards", "build_reward", "build_rewards", "validate_reward_specs",
+           "Brightness", "Colorfulness", "Saturation"]

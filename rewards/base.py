@@ -1,0 +1,97 @@
+"""The `Reward` interface and the weighted sum that AlignProp maximises."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+class Reward(nn.Module):
+    """A differentiable score per image.
+
+    Subclasses implement `score(images, prompts) -> Tensor[B]` with `images` a float tensor in
+    [0, 1] of shape B×3×H×W on the reward's device. Model-backed rewards do their own
+    preprocessing on tensors (resize, normalise) so gradients flow back to the pixels; their
+    weights are frozen (`requires_grad_(False)`, eval mode) by `freeze()`.
+    """
+
+    name: str = "reward"
+    needs: str = "nothing (analytic)"  # what the reward loads: shown by `alignprop rewards list`
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.name}: images must be B×3×H×W, got {tuple(images.shape)}")
+        scores = self.score(images, prompts)
+        assert scores.shape == (images.shape[0],), f"{self.name} returned {tuple(scores.shape)}"
+        return scores
+
+    def freeze(self) -> "Reward":
+        self.requires_grad_(False)
+        return self.eval()
+
+
+class WeightedRewards(nn.Module):
+    """sum_i weight_i * reward_i(images, prompts), reporting every component."""
+
+    def __init__(self, named: Sequence[tuple[str, float, Reward]]):
+        super().__init__()
+        self.labels = [label for label, _, _ in named]
+        self.weights = [float(weight) for _, weight, _ in named]
+        self.rewards = nn.ModuleList([reward for _, _, reward in named])
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {label: reward(images, prompts) for label, reward in zip(self.labels, self.rewards)}
+        total = sum(w * parts[label] for label, w in zip(self.labels, self.weights))
+        return total, parts
+
+
+def _registry() -> dict[str, type[Reward]]:
+    from alignprop.rewards.analytic import Brightness, Colorfulness, Saturation
+
+    return {"brightness": Brightness, "saturation": Saturation, "colorfulness": Colorfulness}
+
+
+def _options(cls: type[Reward]) -> dict[str, inspect.Parameter]:
+    return {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
+
+
+def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool) -> None:
+    """Check `[{name, weight, ...options}]` without building anything; one-line ConfigError."""
+    from alignprop.platform.config import ConfigError
+
+    registry = _registry()
+    if not specs and not allow_empty:
+        raise ConfigError(f"{field}: empty; accepted: a list of {{name, weight, ...options}} with name in {', '.join(registry)}")
+    labels = set()
+    for i, spec in enumerate(specs):
+        where = f"{field}[{i}]"
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"{where}: expected a mapping with a 'name' key; accepted names: {', '.join(registry)}")
+        if spec["name"] not in registry:
+            raise ConfigError(f"{where}.name: unknown reward {spec['name']!r}; accepted: {', '.join(registry)}")
+        weight = spec.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise ConfigError(f"{where}.weight: got {weight!r}; accepted: a number")
+        label = spec.get("label", spec["name"])
+        if label in labels:
+            raise ConfigError(f"{where}.label: {label!r} appears twice; give each repeated reward a distinct label")
+        labels.add(label)
+        accepted = _options(registry[spec["name"]])
+        for key in spec:
+            if key not in ("name", "weight", "label") and key not in accepted:
+                raise ConfigError(f"{where}.{key}: unknown option of reward {spec['name']!r}; accepted: {', '.join(['weight', 'label', *accepted]) }")
+
+
+def build_reward(spec: dict[str, Any]) -> Reward:
+    options = {k: v for k, v in spec.items() if k not in ("name", "weight", "label")}
+    return _registry()[spec["name"]](**options).freeze()
+
+
+def build_rewards(specs: Sequence[dict[str, Any]]) -> WeightedRewards:
+    return WeightedRewards([(s.get("label", s["name"]), s.get("weight", 1.0), build_reward(s)) for s in specs])

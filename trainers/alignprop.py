@@ -1,0 +1,236 @@
+"""The AlignProp recipe, one worker's view: setup → train step → evaluate → save/load checkpoint.
+
+Run through Ray Train (one copy per worker) by `alignprop train --config tiny-cpu`; the recipe itself
+knows nothing of Ray: it gets a `WorkerContext` (rank, device, report(), the checkpoint to resume).
+
+Per optimizer step: draw K once from (seed, step) → sample N DDIM steps with CFG, the last K with a
+graph and checkpointed UNet calls → decode → weighted rewards → loss = −mean(reward) →
+DeepSpeed backward/step (gradient clipping, accumulation, ZeRO 0–2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from alignprop.platform.config import RunConfig, prompt_path
+from alignprop.platform.models import add_lora, load_pipeline, save_lora
+from alignprop.platform.tracking import Tracker
+from alignprop.rewards import build_rewards
+from alignprop.trainers.sampling import draw_k, encode_prompts, sample
+
+ENGINE_TAG = "engine"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class WorkerContext:
+    """What the launcher (Ray Train, or a plain process in tests/bench) gives one worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    report: Callable[[dict, Optional[str]], None] = lambda metrics, checkpoint_dir: None
+    resume_dir: Optional[str] = None  # a checkpoint directory written by `save_checkpoint`
+    tracking_uri: Optional[str] = None
+    run_id: Optional[str] = None
+    progress: bool = True
+
+
+def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
+    precision = resolve_precision(cfg.deepspeed.precision, device)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.trainer.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "auto_cast": False},
+        "zero_allow_untested_optimizer": True,  # our client torch AdamW: no fused_adam JIT build
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def load_prompts(cfg: RunConfig) -> list[str]:
+    if cfg.trainer.prompts:
+        return list(cfg.trainer.prompts)
+    lines = prompt_path(cfg.trainer.prompt_file).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+class AlignPropRecipe:
+    def __init__(self, cfg: RunConfig, ctx: WorkerContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.step = 0  # optimizer steps completed
+        self.best_eval = -math.inf
+        self.tracker = Tracker(ctx.tracking_uri, ctx.run_id, enabled=ctx.rank == 0)
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self) -> "AlignPropRecipe":
+        import deepspeed
+
+        cfg, device = self.cfg, self.ctx.device
+        torch.manual_seed(cfg.trainer.seed + self.ctx.rank)
+        self.pipe = load_pipeline(cfg.model).to(device)
+        lora_params = add_lora(self.pipe.unet, cfg.lora)
+        optimizer = torch.optim.AdamW(
+            lora_params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.pipe.unet, optimizer=optimizer, config=deepspeed_config(cfg, device),
+        )
+        self.rewards = build_rewards(cfg.rewards).to(device)
+        self.eval_rewards = build_rewards(cfg.eval_rewards).to(device) if cfg.eval_rewards else None
+        self.prompts = load_prompts(cfg)
+        self.negative = encode_prompts(self.pipe, [""], device)
+        if self.ctx.resume_dir:
+            self.load_checkpoint(self.ctx.resume_dir)
+        return self
+
+    # ------------------------------------------------------------------------ train step
+    def _generator(self, *parts: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.cfg.trainer.seed, *parts)) % 2**63)
+
+    def _sample(self, prompts: list[str], k: int, generator: torch.Generator):
+        s = self.cfg.sampling
+        embeds = encode_prompts(self.pipe, prompts, self.ctx.device)
+        negative = self.negative.expand(len(prompts), -1, -1)
+        return sample(
+            self.pipe, self.engine, embeds, negative, s.num_steps, k, s.guidance_scale, s.eta,
+            s.resolution, generator, checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae,
+        )
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step (grad_accum micro-batches); returns metrics averaged over ranks."""
+        cfg, start = self.cfg, time.perf_counter()
+        k = draw_k(cfg.truncation, cfg.sampling.num_steps, cfg.trainer.seed, step)
+        self.engine.train()
+        rows, losses = [], []
+        for micro in range(cfg.optim.grad_accum):
+            pick = random.Random(hash((cfg.trainer.seed, step, micro, self.ctx.rank)))
+            prompts = [pick.choice(self.prompts) for _ in range(cfg.trainer.batch_size)]
+            out = self._sample(prompts, k, self._generator(step, micro, self.ctx.rank))
+            total, parts = self.rewards(out.images, prompts)
+            loss = -total.mean()
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+            rows.append(torch.stack([total, *parts.values()], dim=1).detach().float().cpu())
+        values = _gather_rows(torch.cat(rows), self.ctx.world_size, self.ctx.device)
+        seconds = time.perf_counter() - start
+        metrics = {
+            "loss": float(-values[:, 0].mean()),
+            "reward/total_mean": float(values[:, 0].mean()),
+            "reward/total_std": float(values[:, 0].std()) if len(values) > 1 else 0.0,
+            "k": float(k),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "step_time_s": seconds,
+            "images_per_s": len(values) / seconds,
+            "peak_memory_mb": peak_memory_mb(self.ctx.device),
+        }
+        for i, label in enumerate(self.rewards.labels, start=1):
+            metrics[f"reward/{label}_mean"] = float(values[:, i].mean())
+            metrics[f"reward/{label}_std"] = float(values[:, i].std()) if len(values) > 1 else 0.0
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    # -------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Rank 0: fixed-seed samples of the held-out prompts, scored by train and eval rewards."""
+        cfg = self.cfg
+        self.engine.eval()
+        prompts = list(cfg.trainer.eval_prompts)
+        out = self._sample(prompts, 1, torch.Generator().manual_seed(cfg.trainer.eval_seed))
+        total, parts = self.rewards(out.images, prompts)
+        metrics = {"eval/reward_total": float(total.mean())}
+        metrics.update({f"eval/{label}": float(v.mean()) for label, v in parts.items()})
+        if self.eval_rewards is not None:
+            _, held_out = self.eval_rewards(out.images, prompts)
+            metrics.update({f"eval/{label}": float(v.mean()) for label, v in held_out.items()})
+        self.tracker.log_image(out.images, "eval/samples", step)
+        if metrics["eval/reward_total"] > self.best_eval:
+            self.best_eval = metrics["eval/reward_total"]
+            self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/best")
+        return metrics
+
+    # ------------------------------------------------------------------ save/load checkpoint
+    def save_checkpoint(self, directory: str) -> None:
+        """Every rank: engine state (LoRA + its optimizer shards); rank 0: LoRA + trainer state."""
+        self.engine.save_checkpoint(directory, tag=ENGINE_TAG, exclude_frozen_parameters=True)
+        torch.save(torch.get_rng_state(), Path(directory) / f"rng_rank{self.ctx.rank}.pt")
+        if self.ctx.rank == 0:
+            save_lora(self.pipe.unet, directory)
+            state = {"step": self.step, "best_eval": self.best_eval, "config_name": self.cfg.name}
+            (Path(directory) / STATE_FILE).write_text(json.dumps(state))
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag=ENGINE_TAG, load_module_strict=False)
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        self.step, self.best_eval = int(state["step"]), float(state["best_eval"])
+        rng = Path(directory) / f"rng_rank{self.ctx.rank}.pt"
+        if rng.exists():
+            torch.set_rng_state(torch.load(rng, weights_only=True))
+
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> dict[str, float]:
+        """Steps from the resumed step to max_steps; every rank reports once per step."""
+        from tqdm.auto import tqdm
+
+        cfg, metrics = self.cfg.trainer, {}
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="alignprop", disable=self.ctx.rank != 0 or not self.ctx.progress)
+        while self.step < cfg.max_steps:
+            metrics = self.train_step(self.step)
+            self.step += 1
+            last = self.step == cfg.max_steps
+            if self.ctx.rank == 0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                metrics.update(self.evaluate(self.step))
+            metrics["step"] = self.step
+            self.tracker.log_metrics(metrics, self.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.4f}", k=int(metrics["k"]))
+            if self.step % cfg.ckpt_every == 0 or last:
+                with tempfile.TemporaryDirectory() as directory:
+                    self.save_checkpoint(directory)
+                    self.ctx.report(metrics, directory)
+            else:
+                self.ctx.report(metrics, None)
+        bar.close()
+        self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/final")
+        return metrics
+
+
+def _gather_rows(rows: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:
+    """Concatenate every rank's per-image reward rows (same shape on every rank)."""
+    if world_size == 1 or not dist.is_initialized():
+        return rows
+    rows = rows.to(device)  # NCCL gathers device tensors only
+    gathered = [torch.empty_like(rows) for _ in range(world_size)]
+    dist.all_gather(gathered, rows)
+    return torch.cat(gathered).cpu()
