@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -164,6 +165,9 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     first = str(err).splitlines()[0]
     if "Key '" in first and "not in" in first:
         return f"{key}: unknown key; accepted: {', '.join(_section_keys(key))}"
+    bad_type = re.match(r"Value '(.*)' of type '.*' could not be converted to (\w+)", first)
+    if bad_type:
+        return f"{key}: got {bad_type[1]!r}; accepted: a {bad_type[2].lower()}"
     return f"{key}: {first}" if key else first
 
 
@@ -210,7 +214,7 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(tr.prompts) != bool(tr.prompt_file), "trainer.prompts", "set exactly one of trainer.prompts (a list) or trainer.prompt_file")
     if tr.prompt_file:
         _check(prompt_path(tr.prompt_file).is_file(), "trainer.prompt_file", f"no such file {tr.prompt_file!r}; accepted: a path or one of {sorted(p.name for p in PROMPT_DIR.glob('*.txt'))}")
-    _check(tr.eval_every == 0 or bool(tr.eval_prompts), "trainer.eval_prompts", "empty while trainer.eval_every > 0; give held-out prompts or set trainer.eval_every=0")
+    _check(tr.eval_every == 0 or bool(tr.eval_prompts), "trainer.eval_prompts", "empty while trainer.eval_every > 0; accepted: a list of held-out prompts, or trainer.eval_every=0")
     validate_reward_specs(cfg.rewards, "rewards", allow_empty=False)
     validate_reward_specs(cfg.eval_rewards, "eval_rewards", allow_empty=True)
     d = cfg.deepspeed

@@ -105,7 +105,9 @@ def load_pipeline(model: ModelSection) -> StableDiffusionPipeline:
     """The frozen base pipeline named by the config, with a DDIM scheduler, in eval mode."""
     dtype = DTYPES[model.dtype]
     if model.tiny:
-        pipe = build_tiny_pipeline().to(dtype=dtype)
+        pipe = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
     else:
         local = Path(model.pretrained).expanduser().is_dir()
         pipe = StableDiffusionPipeline.from_pretrained(

@@ -6,6 +6,7 @@
 
 from alignprop.rewards.base import Reward, WeightedRewards, build_reward, build_rewards, validate_reward_specs
 from alignprop.rewards.analytic import Brightness, Colorfulness, Saturation
+from alignprop.rewards.aesthetic import Aesthetic
 
 __all__ = ["Reward", "WeightedRewards", "build_reward", "build_rewards", "validate_reward_specs",
-           "Brightness", "Colorfulness", "Saturation"]
+           "Brightness", "Colorfulness", "Saturation", "Aesthetic"]

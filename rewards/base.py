@@ -52,9 +52,10 @@ class WeightedRewards(nn.Module):
 
 
 def _registry() -> dict[str, type[Reward]]:
+    from alignprop.rewards.aesthetic import Aesthetic
     from alignprop.rewards.analytic import Brightness, Colorfulness, Saturation
 
-    return {"brightness": Brightness, "saturation": Saturation, "colorfulness": Colorfulness}
+    return {"brightness": Brightness, "saturation": Saturation, "colorfulness": Colorfulness, "aesthetic": Aesthetic}
 
 
 def _options(cls: type[Reward]) -> dict[str, inspect.Parameter]:

@@ -1,0 +1,111 @@
+"""LAION aesthetic reward: CLIP ViT-L/14 image embedding → the LAION linear MLP → a score (≈ 1…10).
+
+    reward = build_reward({"name": "aesthetic", "mlp_path": "/models/sac+logos+ava1-l14-linearMSE.pth"})
+    scores = reward(images, prompts)             # images: B×3×H×W in [0, 1] → B scores, differentiable
+
+The MLP weights come from https://github.com/christophschuhmann/improved-aesthetic-predictor
+(`sac+logos+ava1-l14-linearMSE.pth`); `clip_model` is a hub id or a local directory holding a
+CLIPModel or CLIPVisionModelWithProjection checkpoint. Only the vision tower is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignprop.rewards.base import Reward
+
+MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+MLP_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class AestheticMLP(nn.Module):
+    """The released LAION head: linear layers and dropout, no activations; keys `layers.{0,2,4,6,7}.*`."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2),
+            nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def load_mlp_state(mlp_path: Optional[str]) -> dict[str, torch.Tensor]:
+    """Read the MLP state dict from a .pth/.pt or .safetensors file; one-line error if it is absent."""
+    if mlp_path is None or not Path(mlp_path).is_file():
+        raise FileNotFoundError(
+            f"aesthetic: MLP weights not found (mlp_path={mlp_path!r}); expected {MLP_FILE} from {MLP_URL} "
+            f"— download it and set the reward option mlp_path to its local path")
+    if str(mlp_path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(mlp_path, device="cpu")
+    return torch.load(mlp_path, map_location="cpu", weights_only=True)
+
+
+def load_clip_vision(clip_model: str, local_files_only: bool) -> nn.Module:
+    """CLIPVisionModelWithProjection from a CLIPModel or vision-only checkpoint.
+
+    A CLIPModel's projection size lives in the top-level `projection_dim`; its `vision_config`
+    may carry a different (default 512) value, which would make the projection fail to load.
+    """
+    from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
+
+    config = AutoConfig.from_pretrained(clip_model, local_files_only=local_files_only)
+    if isinstance(config, CLIPConfig):
+        config.vision_config.projection_dim = config.projection_dim
+        config = config.vision_config
+    return CLIPVisionModelWithProjection.from_pretrained(
+        clip_model, config=config, local_files_only=local_files_only)
+
+
+class Aesthetic(Reward):
+    """LAION aesthetic score of each image; with `target`, −|target − score| (AlignProp's form)."""
+
+    name = "aesthetic"
+    needs = f"CLIP ViT-L/14 (openai/clip-vit-large-patch14) + LAION MLP {MLP_FILE} ({MLP_URL})"
+
+    def __init__(self, clip_model: str = "openai/clip-vit-large-patch14", mlp_path: Optional[str] = None,
+                 target: Optional[float] = None, local_files_only: bool = False):
+        super().__init__()
+        state = load_mlp_state(mlp_path)  # before CLIP: fail fast on the cheap check
+        self.clip = load_clip_vision(clip_model, local_files_only)
+        self.mlp = AestheticMLP(self.clip.config.projection_dim)
+        self.mlp.load_state_dict(state)
+        self.image_size = self.clip.config.image_size
+        self.target = target
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's resize (shorter side, bicubic) + centre crop + normalise, on tensors so grads flow.
+
+        Sizes and crop offsets follow transformers' CLIPImageProcessor; done in float32 whatever
+        the model's dtype.
+        """
+        x = images.float()
+        h, w = x.shape[-2:]
+        s = self.image_size
+        size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (size[0] - s) // 2, (size[1] - s) // 2
+        x = x[..., top:top + s, left:left + s]
+        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+        return (x - mean) / std
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        pixels = self.preprocess(images).to(self.clip.dtype)
+        embed = self.clip(pixel_values=pixels).image_embeds
+        embed = embed / embed.norm(dim=-1, keepdim=True)
+        scores = self.mlp(embed.to(self.mlp.layers[0].weight.dtype)).squeeze(-1).float()
+        return scores if self.target is None else -(self.target - scores).abs()

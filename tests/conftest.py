@@ -1,0 +1,51 @@
+"""Shared fixtures: the tiny pipeline (built once), a single-process DeepSpeed world, paths."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+torch.set_num_threads(1)  # faster than 2 for tiny models on 2 cores (NOTES.md)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: the venv's bin first, no inherited Ray/MLflow targets."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1",
+               RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def deepspeed_world():
+    """A one-process gloo world, as a launcher would set it up (DeepSpeed needs the env vars)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+
+
+@pytest.fixture()
+def tiny_pipe():
+    from alignprop.platform.config import ModelSection
+    from alignprop.platform.models import load_pipeline
+
+    return load_pipeline(ModelSection(tiny=True))
