@@ -1,0 +1,94 @@
+"""The real CLI, end to end: `alignprop train --config tiny-cpu` through Ray Train (2 workers,
+DeepSpeed ZeRO-2), MLflow in sqlite; then the same run name again resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def alignprop(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "alignprop.platform.cli", *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two CLI runs with one run name: 2 steps, then extended to 4 (resume)."""
+    work = tmp_path_factory.mktemp("e2e")
+    common = ["train", "--config", "tiny-cpu", "--run-name", "e2e", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
+              f"ray.storage_path={work}/ray", "trainer.ckpt_every=2", "trainer.eval_every=2"]
+    first = alignprop(*common, "trainer.max_steps=2", cwd=work)
+    second = alignprop(*common, "trainer.max_steps=4", cwd=work)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
+    return work, client, runs, first, second
+
+
+def test_mlflow_run_has_params_metrics_images_and_lora(trained):
+    work, client, runs, _, _ = trained
+    assert len(runs) == 1, "the rerun logs into the same MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    assert run.data.params["optim.lr"] == "0.03" and run.data.params["ray.num_workers"] == "2"
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["rewards.brightness.weight"] == "1.0"
+    for key in ("loss", "reward/total_mean", "reward/brightness_mean", "grad_norm", "k", "images_per_s", "step_time_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4], key
+    assert {"eval/reward_total", "eval/saturation", "eval/colorfulness"} <= run.data.metrics.keys()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "lora", "images"} <= artifacts, artifacts
+    assert len(client.list_artifacts(run.info.run_id, "images")) >= 1
+    lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
+    assert lora == {"lora/final", "lora/best"}
+
+
+def test_lora_artifact_loads_into_the_pipeline_and_changes_it(trained):
+    work, client, runs, _, _ = trained
+    from alignprop.platform.models import build_tiny_pipeline
+    from alignprop.platform.sample import resolve_lora
+
+    lora_dir = resolve_lora(f"runs:/{runs[0].info.run_id}/lora/final", f"sqlite:///{work}/mlflow.db")
+    assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
+    pipe = build_tiny_pipeline()
+
+    def render():
+        out = pipe("a photo of a cat", num_inference_steps=4, height=32, width=32, output_type="pt",
+                   generator=torch.Generator().manual_seed(0))
+        return out.images
+
+    base = render()
+    pipe.load_lora_weights(str(lora_dir))
+    assert (render() - base).abs().max() > 1e-4
+
+
+def test_rerun_with_the_same_name_resumed_from_the_checkpoint(trained):
+    work, client, runs, first, second = trained
+    last = Path(second.stdout.split("[alignprop] last checkpoint: ")[1].split()[0])
+    assert last.parent == work / "ray" / "e2e"
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
+    engine = {p.name for p in (last / "engine").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= engine, engine
+    # The second run reported steps 3 and 4 only: every metric has exactly one point per step.
+    history = client.get_metric_history(runs[0].info.run_id, "step")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+
+
+def test_sample_cli_writes_base_and_lora_images(trained, tmp_path):
+    work, _, runs, _, _ = trained
+    alignprop("sample", "--config", "tiny-cpu", "--lora", f"runs:/{runs[0].info.run_id}/lora/final",
+              "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--prompt", "a cat", "--prompt", "a dog",
+              "--out", str(tmp_path / "png"), cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["base_00.png", "base_01.png", "lora_00.png", "lora_01.png"]
