@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from alignprop.rewards.base import Reward
+from alignprop.rewards.base import Reward, clip_preprocess
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 MLP_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class AestheticMLP(nn.Module):
@@ -87,24 +84,8 @@ class Aesthetic(Reward):
         self.image_size = self.clip.config.image_size
         self.target = target
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """CLIP's resize (shorter side, bicubic) + centre crop + normalise, on tensors so grads flow.
-
-        Sizes and crop offsets follow transformers' CLIPImageProcessor; done in float32 whatever
-        the model's dtype.
-        """
-        x = images.float()
-        h, w = x.shape[-2:]
-        s = self.image_size
-        size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = (size[0] - s) // 2, (size[1] - s) // 2
-        x = x[..., top:top + s, left:left + s]
-        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-        return (x - mean) / std
-
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = self.preprocess(images).to(self.clip.dtype)
+        pixels = clip_preprocess(images, self.image_size).to(self.clip.dtype)
         embed = self.clip(pixel_values=pixels).image_embeds
         embed = embed / embed.norm(dim=-1, keepdim=True)
         scores = self.mlp(embed.to(self.mlp.layers[0].weight.dtype)).squeeze(-1).float()

@@ -6,7 +6,11 @@ import inspect
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Reward(nn.Module):
@@ -34,6 +38,21 @@ class Reward(nn.Module):
     def freeze(self) -> "Reward":
         self.requires_grad_(False)
         return self.eval()
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """CLIP's resize (shorter side, bicubic) + centre crop + normalise, on tensors so grads flow.
+
+    Sizes and crop offsets follow transformers' CLIPImageProcessor; computed in float32.
+    """
+    x = images.float()
+    h, w = x.shape[-2:]
+    resized = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = F.interpolate(x, size=resized, mode="bicubic", align_corners=False, antialias=True)
+    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 class WeightedRewards(nn.Module):
