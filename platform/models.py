@@ -145,6 +145,8 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> Path:
     """Write `pytorch_lora_weights.safetensors`, loadable by `pipe.load_lora_weights(directory)`."""
     StableDiffusionPipeline.save_lora_weights(
-        directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True
+        directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
+        # rank/alpha/targets in the safetensors metadata: without it a loader assumes alpha = rank
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
     )
     return Path(directory) / LORA_WEIGHTS_NAME
