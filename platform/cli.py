@@ -3,6 +3,7 @@
     alignprop train --config tiny-cpu [key=value ...]      # AlignProp through Ray Train + DeepSpeed
     alignprop sample --config tiny-cpu --lora runs:/<id>/lora/final --prompt "a cat" --out samples/
     alignprop bench --config tiny-cpu                       # s/step and peak memory vs K, checkpointing
+    alignprop soup --lora A --lora B --weights 0.7 0.3 --out DIR  # mix trained adapters
     alignprop tiny-model DIR                                # save the tiny offline pipeline
     alignprop presets                                       # list the shipped presets
 
@@ -40,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="seconds/step and peak memory for K in {1, N/2, N}, with/without checkpointing")
     _config_args(bench)
     bench.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up)")
+    soup = sub.add_parser("soup", help="mix trained LoRA adapters into one (exact low-rank sum, or parameter interpolation)")
+    soup.add_argument("--lora", action="append", required=True, help="LoRA dir/file or runs:/ URI; repeat")
+    soup.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per --lora")
+    soup.add_argument("--mode", default="delta", choices=["delta", "params"])
+    soup.add_argument("--out", required=True)
+    soup.add_argument("--tracking-uri", help="MLflow URI used to resolve runs:/ LoRA URIs")
     tiny = sub.add_parser("tiny-model", help="save the tiny offline SD-shaped pipeline as a diffusers directory")
     tiny.add_argument("dir")
     sub.add_parser("presets", help="list the shipped presets")
@@ -75,11 +82,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, _with_flags(args))
             for path in write_samples(cfg, args.prompt, args.out, args.lora, args.seed, args.tracking_uri):
                 print(path)
+        elif args.command == "soup":
+            from alignprop.platform.sample import resolve_lora
+            from alignprop.platform.soup import soup
+
+            try:
+                print(soup([str(resolve_lora(x, args.tracking_uri)) for x in args.lora], args.weights, args.out, args.mode))
+            except ValueError as err:  # one-line argument errors (counts, shapes, modes)
+                raise ConfigError(str(err)) from None
         elif args.command == "bench":
             from alignprop.platform.bench import run_bench
 
             run_bench(load_config(args.config, list(args.overrides)), args.steps)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"alignprop: error: {err}", file=sys.stderr)
         return 2
     return 0
