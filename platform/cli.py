@@ -5,6 +5,7 @@
     alignprop bench --config tiny-cpu                       # s/step and peak memory vs K, checkpointing
     alignprop soup --lora A --lora B --weights 0.7 0.3 --out DIR  # mix trained adapters
     alignprop tiny-model DIR                                # save the tiny offline pipeline
+    alignprop rewards list                                  # rewards, what they load, whether weights are here
     alignprop presets                                       # list the shipped presets
 
 Config errors are one line naming the field, printed before Ray starts (exit code 2).
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="save the tiny offline SD-shaped pipeline as a diffusers directory")
     tiny.add_argument("dir")
     sub.add_parser("presets", help="list the shipped presets")
+    rewards = sub.add_parser("rewards", help="reward models: `alignprop rewards list`")
+    rewards.add_argument("action", choices=["list"])
     return parser
 
 
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "presets":
             print("\n".join(list_presets()))
+        elif args.command == "rewards":
+            from alignprop.rewards.base import describe_rewards
+
+            for row in describe_rewards():
+                print(f"{row['name']:<16} {row['needs']}\n{'':<16} weights: {row['weights']}")
         elif args.command == "tiny-model":
             from alignprop.platform.models import save_tiny_pipeline
 

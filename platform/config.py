@@ -86,6 +86,9 @@ class TrainerSection:
     eval_every: int = 10  # 0 disables evaluation
     ckpt_every: int = 10
     keep_checkpoints: int = 2
+    early_stop_metric: Optional[str] = None  # e.g. eval/colorfulness: stop when it stops improving
+    early_stop_patience: int = 3  # evaluations without a new best before stopping
+    ema_decay: float = 0.0  # EMA of the LoRA weights (0 disables); evaluated and saved beside them
 
 
 @dataclass
@@ -211,6 +214,11 @@ def validate(cfg: RunConfig) -> None:
     _check(tr.eval_every >= 0, "trainer.eval_every", f"got {tr.eval_every}; accepted: >= 0 (0 disables)")
     _check(tr.ckpt_every >= 1, "trainer.ckpt_every", f"got {tr.ckpt_every}; accepted: an integer >= 1")
     _check(tr.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"got {tr.keep_checkpoints}; accepted: an integer >= 1")
+    _check(0 <= tr.ema_decay < 1, "trainer.ema_decay", f"got {tr.ema_decay}; accepted: 0 <= decay < 1 (0 disables)")
+    _check(tr.early_stop_patience >= 1, "trainer.early_stop_patience", f"got {tr.early_stop_patience}; accepted: an integer >= 1")
+    if tr.early_stop_metric is not None:
+        evaluated = ["eval/reward_total"] + [f"eval/{s.get('label', s.get('name'))}" for s in [*cfg.rewards, *cfg.eval_rewards] if isinstance(s, dict)]
+        _check(tr.early_stop_metric in evaluated and tr.eval_every > 0, "trainer.early_stop_metric", f"got {tr.early_stop_metric!r}; accepted (with trainer.eval_every > 0): {', '.join(evaluated)}")
     _check(bool(tr.prompts) != bool(tr.prompt_file), "trainer.prompts", "set exactly one of trainer.prompts (a list) or trainer.prompt_file")
     if tr.prompt_file:
         _check(prompt_path(tr.prompt_file).is_file(), "trainer.prompt_file", f"no such file {tr.prompt_file!r}; accepted: a path or one of {sorted(p.name for p in PROMPT_DIR.glob('*.txt'))}")

@@ -56,18 +56,51 @@ def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_ST
 
 
 class WeightedRewards(nn.Module):
-    """sum_i weight_i * reward_i(images, prompts), reporting every component."""
+    """sum_i weight_i * reward_i(images, prompts), reporting every (raw) component.
 
-    def __init__(self, named: Sequence[tuple[str, float, Reward]]):
+    A component with `normalize` enters the sum as (r − running mean) / running std, so weights of
+    rewards on different scales are comparable. The running statistics are updated by the caller
+    with the scores of all ranks (`update_stats`), so every rank normalises identically; before
+    the first update a batch is normalised by its own statistics.
+    """
+
+    def __init__(self, named: Sequence[tuple[str, float, Reward]], normalize: Sequence[bool] = ()):
         super().__init__()
         self.labels = [label for label, _, _ in named]
         self.weights = [float(weight) for _, weight, _ in named]
         self.rewards = nn.ModuleList([reward for _, _, reward in named])
+        self.normalize = list(normalize) or [False] * len(self.labels)
+        self.stats = {label: [0, 0.0, 0.0] for label in self.labels}  # count, mean, M2 (Welford)
+
+    def _normalized(self, label: str, scores: torch.Tensor) -> torch.Tensor:
+        count, mean, m2 = self.stats[label]
+        if count < 2:
+            detached = scores.detach()
+            mean, std = detached.mean(), detached.std() if len(detached) > 1 else torch.ones(())
+        else:
+            std = (m2 / (count - 1)) ** 0.5
+        return (scores - mean) / (std + 1e-6)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {label: reward(images, prompts) for label, reward in zip(self.labels, self.rewards)}
-        total = sum(w * parts[label] for label, w in zip(self.labels, self.weights))
+        total = sum(
+            w * (self._normalized(label, parts[label]) if norm else parts[label])
+            for label, w, norm in zip(self.labels, self.weights, self.normalize)
+        )
         return total, parts
+
+    def update_stats(self, scores: torch.Tensor) -> None:
+        """Fold a (num_images × num_components) block of raw scores into the running statistics."""
+        for label, column in zip(self.labels, scores.T.tolist()):
+            stat = self.stats[label]
+            for x in column:
+                stat[0] += 1
+                delta = x - stat[1]
+                stat[1] += delta / stat[0]
+                stat[2] += delta * (x - stat[1])
+
+
+_COMBINATION_KEYS = ("name", "weight", "label", "normalize")  # read by the combination, not the reward
 
 
 def _registry() -> dict[str, type[Reward]]:
@@ -104,14 +137,50 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool) -
         labels.add(label)
         accepted = _options(registry[spec["name"]])
         for key in spec:
-            if key not in ("name", "weight", "label") and key not in accepted:
-                raise ConfigError(f"{where}.{key}: unknown option of reward {spec['name']!r}; accepted: {', '.join(['weight', 'label', *accepted]) }")
+            if key not in _COMBINATION_KEYS and key not in accepted:
+                raise ConfigError(f"{where}.{key}: unknown option of reward {spec['name']!r}; accepted: {', '.join([*_COMBINATION_KEYS[1:], *accepted])}")
+        if not isinstance(spec.get("normalize", False), bool):
+            raise ConfigError(f"{where}.normalize: got {spec['normalize']!r}; accepted: true, false")
 
 
 def build_reward(spec: dict[str, Any]) -> Reward:
-    options = {k: v for k, v in spec.items() if k not in ("name", "weight", "label")}
+    options = {k: v for k, v in spec.items() if k not in _COMBINATION_KEYS}
     return _registry()[spec["name"]](**options).freeze()
 
 
 def build_rewards(specs: Sequence[dict[str, Any]]) -> WeightedRewards:
-    return WeightedRewards([(s.get("label", s["name"]), s.get("weight", 1.0), build_reward(s)) for s in specs])
+    named = [(s.get("label", s["name"]), s.get("weight", 1.0), build_reward(s)) for s in specs]
+    return WeightedRewards(named, normalize=[bool(s.get("normalize", False)) for s in specs])
+
+
+_WEIGHT_OPTIONS = ("model", "clip_model", "processor", "tokenizer", "config", "mlp_path", "checkpoint")
+
+
+def _located(value: Any) -> str:
+    """'found' if a local path exists or a hub id is in the local HF cache, else 'missing'."""
+    from pathlib import Path
+
+    if Path(str(value)).expanduser().exists():
+        return "found"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(str(value), "config.json")
+        return "found (hub cache)" if isinstance(hit, str) else "missing"
+    except Exception:  # not a valid repo id either
+        return "missing"
+
+
+def describe_rewards() -> list[dict[str, str]]:
+    """For `alignprop rewards list`: each reward, what it loads, and whether its default weights are here."""
+    rows = []
+    for name, cls in _registry().items():
+        weights = []
+        for option, param in _options(cls).items():
+            if option not in _WEIGHT_OPTIONS:
+                continue
+            default = param.default
+            status = "not set (required)" if default in (None, inspect.Parameter.empty) else f"{default}: {_located(default)}"
+            weights.append(f"{option}={status}")
+        rows.append({"name": name, "needs": cls.needs, "weights": "; ".join(weights) or "none needed"})
+    return rows

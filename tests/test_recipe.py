@@ -65,3 +65,44 @@ def test_resumed_run_matches_the_uninterrupted_one(deepspeed_world, tmp_path, st
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k or "lora.up" in k), "the adapter trained"
+
+
+def test_reward_mix_ema_and_eval_rewards_are_logged_to_mlflow(deepspeed_world, tmp_path):
+    from mlflow import MlflowClient
+
+    from alignprop.platform.tracking import open_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = open_run(uri, "mix", "mix-run", {"k": 1}, "name: mix\n")
+    r = recipe(["trainer.max_steps=3", "trainer.eval_every=2", "trainer.ema_decay=0.5",
+                "rewards=[{name: brightness, weight: 1.0}, {name: saturation, weight: 0.5, normalize: true}]",
+                "eval_rewards=[{name: colorfulness}]"], tracking_uri=uri, run_id=run_id)
+    r.train()
+    client = MlflowClient(uri)
+    for key in ("reward/brightness_mean", "reward/saturation_mean", "reward/total_mean"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
+    for key in ("eval/colorfulness", "eval/brightness", "eval_ema/reward_total", "eval_ema/colorfulness"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [2, 3], key
+    assert {a.path for a in client.list_artifacts(run_id, "lora")} == {"lora/best", "lora/final", "lora/final_ema"}
+    assert r.rewards.stats["saturation"][0] == 3 * 2, "running stats saw every image"
+
+
+def test_early_stop_on_a_falling_held_out_reward_and_stays_stopped(deepspeed_world, tmp_path):
+    reports, saved = [], {}
+
+    def keep(metrics, directory):
+        reports.append(metrics)
+        if directory:
+            shutil.copytree(directory, tmp_path / "last", dirs_exist_ok=True)
+
+    overrides = ["trainer.max_steps=8", "trainer.eval_every=1", "trainer.ckpt_every=100",
+                 "rewards=[{name: brightness, weight: -1.0}]", "eval_rewards=[{name: brightness, label: held_out}]",
+                 "trainer.early_stop_metric=eval/held_out", "trainer.early_stop_patience=2"]
+    recipe(overrides, report=keep).train()
+    assert reports[-1].get("early_stopped") == 1.0 and len(reports) < 8
+    held_out = [m["eval/held_out"] for m in reports]
+    assert held_out[-1] < max(held_out)
+    again = recipe(overrides, resume_dir=str(tmp_path / "last"), report=keep)
+    count = len(reports)
+    again.train()
+    assert len(reports) == count, "a rerun of an early-stopped run does not train further"

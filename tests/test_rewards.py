@@ -61,3 +61,14 @@ def test_reward_rejects_non_rgb_batches():
 def test_bad_reward_specs(specs, field):
     with pytest.raises(ConfigError, match=rf"^{__import__('re').escape(field)}[.:]? ?"):
         validate_reward_specs(specs, "rewards", allow_empty=False)
+
+
+def test_normalised_component_uses_running_statistics():
+    mix = build_rewards([{"name": "brightness", "weight": 1.0, "normalize": True}, {"name": "saturation", "weight": 0.0}])
+    history = torch.tensor([[0.2, 0.0], [0.4, 0.0], [0.6, 0.0]])
+    mix.update_stats(history)
+    x = images()
+    total, parts = mix(x, [""] * 3)
+    mean, std = history[:, 0].mean(), history[:, 0].std()
+    torch.testing.assert_close(total, (parts["brightness"] - mean) / (std + 1e-6))
+    assert mix.stats["brightness"][0] == 3

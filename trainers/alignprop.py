@@ -16,12 +16,14 @@ import random
 import resource
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from alignprop.platform.config import RunConfig, prompt_path
 from alignprop.platform.models import add_lora, load_pipeline, save_lora
@@ -31,6 +33,7 @@ from alignprop.trainers.sampling import draw_k, encode_prompts, sample
 
 ENGINE_TAG = "engine"
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "lora_ema.safetensors"
 
 
 @dataclass
@@ -86,6 +89,8 @@ class AlignPropRecipe:
         self.cfg, self.ctx = cfg, ctx
         self.step = 0  # optimizer steps completed
         self.best_eval = -math.inf
+        self.early_stop = {"best": -math.inf, "evals_without_best": 0}
+        self.ema: dict[str, torch.Tensor] = {}
         self.tracker = Tracker(ctx.tracking_uri, ctx.run_id, enabled=ctx.rank == 0)
 
     # ----------------------------------------------------------------------------- setup
@@ -107,6 +112,8 @@ class AlignPropRecipe:
         self.eval_rewards = build_rewards(cfg.eval_rewards).to(device) if cfg.eval_rewards else None
         self.prompts = load_prompts(cfg)
         self.negative = encode_prompts(self.pipe, [""], device)
+        if cfg.trainer.ema_decay > 0:
+            self.ema = {n: p.detach().clone().float() for n, p in self._lora_parameters()}
         if self.ctx.resume_dir:
             self.load_checkpoint(self.ctx.resume_dir)
         return self
@@ -141,6 +148,8 @@ class AlignPropRecipe:
             losses.append(loss.detach())
             rows.append(torch.stack([total, *parts.values()], dim=1).detach().float().cpu())
         values = _gather_rows(torch.cat(rows), self.ctx.world_size, self.ctx.device)
+        self.rewards.update_stats(values[:, 1:])  # same numbers on every rank → same normalisation
+        self._update_ema()
         seconds = time.perf_counter() - start
         metrics = {
             "loss": float(-values[:, 0].mean()),
@@ -163,22 +172,69 @@ class AlignPropRecipe:
     # -------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Rank 0: fixed-seed samples of the held-out prompts, scored by train and eval rewards."""
+        """Rank 0: fixed-seed samples of the held-out prompts, scored by train and eval rewards;
+        logs the image grid and the best adapter. With EMA, the EMA weights are scored too."""
+        metrics = self._evaluate_weights(step, "eval")
+        if metrics["eval/reward_total"] > self.best_eval:
+            self.best_eval = metrics["eval/reward_total"]
+            self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/best")
+        if self.ema:
+            with self._ema_weights():
+                metrics.update(self._evaluate_weights(step, "eval_ema"))
+        return metrics
+
+    def _evaluate_weights(self, step: int, prefix: str) -> dict[str, float]:
         cfg = self.cfg
         self.engine.eval()
         prompts = list(cfg.trainer.eval_prompts)
         out = self._sample(prompts, 1, torch.Generator().manual_seed(cfg.trainer.eval_seed))
         total, parts = self.rewards(out.images, prompts)
-        metrics = {"eval/reward_total": float(total.mean())}
-        metrics.update({f"eval/{label}": float(v.mean()) for label, v in parts.items()})
+        metrics = {f"{prefix}/reward_total": float(total.mean())}
+        metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in parts.items()})
         if self.eval_rewards is not None:
             _, held_out = self.eval_rewards(out.images, prompts)
-            metrics.update({f"eval/{label}": float(v.mean()) for label, v in held_out.items()})
-        self.tracker.log_image(out.images, "eval/samples", step)
-        if metrics["eval/reward_total"] > self.best_eval:
-            self.best_eval = metrics["eval/reward_total"]
-            self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/best")
+            metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in held_out.items()})
+        self.tracker.log_image(out.images, f"{prefix}/samples", step)
         return metrics
+
+    def _should_stop(self, metrics: dict[str, float]) -> bool:
+        """Early stopping on a held-out metric; rank 0 decides, every rank learns the verdict."""
+        name, stop = self.cfg.trainer.early_stop_metric, 0
+        if self.ctx.rank == 0:
+            value, state = metrics[name], self.early_stop
+            if value > state["best"]:
+                state["best"], state["evals_without_best"] = value, 0
+            else:
+                state["evals_without_best"] += 1
+            stop = int(state["evals_without_best"] >= self.cfg.trainer.early_stop_patience)
+        if self.ctx.world_size > 1 and dist.is_initialized():
+            flag = torch.tensor([stop], device=self.ctx.device)
+            dist.broadcast(flag, src=0)
+            stop = int(flag.item())
+        return bool(stop)
+
+    # ------------------------------------------------------------------------------ EMA
+    def _lora_parameters(self):
+        return [(n, p) for n, p in self.pipe.unet.named_parameters() if "lora_" in n]
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.trainer.ema_decay
+        for name, p in self._lora_parameters() if self.ema else ():
+            self.ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+    @contextmanager
+    def _ema_weights(self):
+        """Temporarily swap the EMA weights into the UNet's LoRA layers."""
+        params = dict(self._lora_parameters())
+        raw = {n: p.detach().clone() for n, p in params.items()}
+        for name, p in params.items():
+            p.data.copy_(self.ema[name])
+        try:
+            yield
+        finally:
+            for name, p in params.items():
+                p.data.copy_(raw[name])
 
     # ------------------------------------------------------------------ save/load checkpoint
     def save_checkpoint(self, directory: str) -> None:
@@ -187,13 +243,20 @@ class AlignPropRecipe:
         torch.save(torch.get_rng_state(), Path(directory) / f"rng_rank{self.ctx.rank}.pt")
         if self.ctx.rank == 0:
             save_lora(self.pipe.unet, directory)
-            state = {"step": self.step, "best_eval": self.best_eval, "config_name": self.cfg.name}
+            state = {"step": self.step, "best_eval": self.best_eval, "config_name": self.cfg.name,
+                     "early_stop": self.early_stop, "reward_stats": self.rewards.stats}
             (Path(directory) / STATE_FILE).write_text(json.dumps(state))
+            if self.ema:
+                save_file({n: t.cpu().contiguous() for n, t in self.ema.items()}, str(Path(directory) / EMA_FILE))
 
     def load_checkpoint(self, directory: str) -> None:
         self.engine.load_checkpoint(directory, tag=ENGINE_TAG, load_module_strict=False)
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         self.step, self.best_eval = int(state["step"]), float(state["best_eval"])
+        self.early_stop = state.get("early_stop", self.early_stop)
+        self.rewards.stats.update(state.get("reward_stats", {}))
+        if self.ema and (Path(directory) / EMA_FILE).exists():
+            self.ema = {n: t.to(self.ctx.device) for n, t in load_file(str(Path(directory) / EMA_FILE)).items()}
         rng = Path(directory) / f"rng_rank{self.ctx.rank}.pt"
         if rng.exists():
             torch.set_rng_state(torch.load(rng, weights_only=True))
@@ -205,12 +268,16 @@ class AlignPropRecipe:
 
         cfg, metrics = self.cfg.trainer, {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="alignprop", disable=self.ctx.rank != 0 or not self.ctx.progress)
-        while self.step < cfg.max_steps:
+        while self.step < cfg.max_steps and not self.early_stop.get("stopped"):
             metrics = self.train_step(self.step)
             self.step += 1
             last = self.step == cfg.max_steps
-            if self.ctx.rank == 0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+            evaluating = cfg.eval_every and (self.step % cfg.eval_every == 0 or last)
+            if evaluating and self.ctx.rank == 0:
                 metrics.update(self.evaluate(self.step))
+            if evaluating and cfg.early_stop_metric and not last and self._should_stop(metrics):
+                last, self.early_stop["stopped"] = True, True
+                metrics["early_stopped"] = 1.0
             metrics["step"] = self.step
             self.tracker.log_metrics(metrics, self.step)
             bar.update(1)
@@ -221,8 +288,13 @@ class AlignPropRecipe:
                     self.ctx.report(metrics, directory)
             else:
                 self.ctx.report(metrics, None)
+            if last:
+                break
         bar.close()
         self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/final")
+        if self.ema:
+            with self._ema_weights():
+                self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/final_ema")
         return metrics
 
 
