@@ -7,6 +7,10 @@
 from alignprop.rewards.base import Reward, WeightedRewards, build_reward, build_rewards, validate_reward_specs
 from alignprop.rewards.analytic import Brightness, Colorfulness, Saturation
 from alignprop.rewards.aesthetic import Aesthetic
+from alignprop.rewards.compressibility import Compressibility, JpegSize, jpeg_size_bytes
+from alignprop.rewards.object_count import ObjectCount
+from alignprop.rewards.preference import HPSv2, PickScore
 
 __all__ = ["Reward", "WeightedRewards", "build_reward", "build_rewards", "validate_reward_specs",
-           "Brightness", "Colorfulness", "Saturation", "Aesthetic"]
+           "Brightness", "Colorfulness", "Saturation", "Aesthetic", "Compressibility", "JpegSize",
+           "jpeg_size_bytes", "ObjectCount", "HPSv2", "PickScore"]

@@ -23,7 +23,8 @@ class Reward(nn.Module):
     """
 
     name: str = "reward"
-    needs: str = "nothing (analytic)"  # what the reward loads: shown by `alignprop rewards list`
+    needs: str = "nothing (analytic)"
+    differentiable: bool = True  # False: a metric for eval_rewards only  # what the reward loads: shown by `alignprop rewards list`
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -106,8 +107,15 @@ _COMBINATION_KEYS = ("name", "weight", "label", "normalize")  # read by the comb
 def _registry() -> dict[str, type[Reward]]:
     from alignprop.rewards.aesthetic import Aesthetic
     from alignprop.rewards.analytic import Brightness, Colorfulness, Saturation
+    from alignprop.rewards.compressibility import Compressibility, JpegSize
+    from alignprop.rewards.object_count import ObjectCount
+    from alignprop.rewards.preference import HPSv2, PickScore
 
-    return {"brightness": Brightness, "saturation": Saturation, "colorfulness": Colorfulness, "aesthetic": Aesthetic}
+    return {
+        "brightness": Brightness, "saturation": Saturation, "colorfulness": Colorfulness,
+        "aesthetic": Aesthetic, "compressibility": Compressibility, "jpeg_size": JpegSize,
+        "object_count": ObjectCount, "hpsv2": HPSv2, "pickscore": PickScore,
+    }
 
 
 def _options(cls: type[Reward]) -> dict[str, inspect.Parameter]:
@@ -128,6 +136,8 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool) -
             raise ConfigError(f"{where}: expected a mapping with a 'name' key; accepted names: {', '.join(registry)}")
         if spec["name"] not in registry:
             raise ConfigError(f"{where}.name: unknown reward {spec['name']!r}; accepted: {', '.join(registry)}")
+        if field == "rewards" and not registry[spec["name"]].differentiable:
+            raise ConfigError(f"{where}.name: {spec['name']!r} has no gradient; accepted in eval_rewards only (train on its differentiable twin, e.g. compressibility)")
         weight = spec.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}.weight: got {weight!r}; accepted: a number")
@@ -154,6 +164,7 @@ def build_rewards(specs: Sequence[dict[str, Any]]) -> WeightedRewards:
 
 
 _WEIGHT_OPTIONS = ("model", "clip_model", "processor", "tokenizer", "config", "mlp_path", "checkpoint")
+_REQUIRED_FILES = ("mlp_path", "checkpoint")  # weights that no hub id provides: the user must set them
 
 
 def _located(value: Any) -> str:
@@ -180,7 +191,10 @@ def describe_rewards() -> list[dict[str, str]]:
             if option not in _WEIGHT_OPTIONS:
                 continue
             default = param.default
-            status = "not set (required)" if default in (None, inspect.Parameter.empty) else f"{default}: {_located(default)}"
+            if default in (None, inspect.Parameter.empty):
+                status = "not set (required)" if option in _REQUIRED_FILES else "built in"
+            else:
+                status = f"{default}: {_located(default)}"
             weights.append(f"{option}={status}")
         rows.append({"name": name, "needs": cls.needs, "weights": "; ".join(weights) or "none needed"})
     return rows

@@ -72,3 +72,12 @@ def test_normalised_component_uses_running_statistics():
     mean, std = history[:, 0].mean(), history[:, 0].std()
     torch.testing.assert_close(total, (parts["brightness"] - mean) / (std + 1e-6))
     assert mix.stats["brightness"][0] == 3
+
+
+def test_true_jpeg_size_is_an_eval_only_reward():
+    validate_reward_specs([{"name": "jpeg_size"}], "eval_rewards", allow_empty=True)
+    with pytest.raises(ConfigError, match=r"^rewards\[0\]\.name: 'jpeg_size' has no gradient; accepted in eval_rewards only"):
+        validate_reward_specs([{"name": "jpeg_size"}], "rewards", allow_empty=False)
+    noisy, flat = torch.rand(1, 3, 32, 32), torch.full((1, 3, 32, 32), 0.5)
+    reward = build_reward({"name": "jpeg_size"})
+    assert reward(flat, [""]) > reward(noisy, [""]), "smaller files score higher"
