@@ -1,6 +1,7 @@
 """`alignprop` command line.
 
     alignprop train --config tiny-cpu [key=value ...]      # AlignProp through Ray Train + DeepSpeed
+    alignprop tune --config tiny-cpu --space k_lr --num-samples 8   # sweep; one Ray Train run per trial
     alignprop sample --config tiny-cpu --lora runs:/<id>/lora/final --prompt "a cat" --out samples/
     alignprop bench --config tiny-cpu                       # s/step and peak memory vs K, checkpointing
     alignprop soup --lora A --lora B --weights 0.7 0.3 --out DIR  # mix trained adapters
@@ -32,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     train.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     train.add_argument("--run-name", help="run name (default: <config>-<hash>; same name = resume)")
+    sweep = sub.add_parser("tune", help="Ray Tune sweep of AlignProp runs (one Ray Train run per trial)")
+    _config_args(sweep)
+    sweep.add_argument("--space", required=True, help="tune_spaces/<name>.yaml, a shipped space name, or a YAML path")
+    sweep.add_argument("--num-samples", type=int, default=4, help="trials (per grid point)")
+    sweep.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster's CPUs hold")
+    sweep.add_argument("--name", help="sweep name (default: <config>-<space>; same name = resume)")
+    sweep.add_argument("--register", help="register the best LoRA in the MLflow model registry under this name (alias 'best')")
+    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sweep.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     sample = sub.add_parser("sample", help="write PNGs with and without a trained LoRA")
     _config_args(sample)
     sample.add_argument("--lora", help="LoRA directory/file or MLflow artifact URI (runs:/<run_id>/lora/final)")
@@ -84,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             outcome = launch(load_config(args.config, _with_flags(args)))
             print(f"[alignprop] done: run {outcome.run_name}, mlflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
             print(f"[alignprop] last checkpoint: {outcome.checkpoint_path}")
+        elif args.command == "tune":
+            from alignprop.platform.sweep_space import load_space
+
+            cfg = load_config(args.config, _with_flags(args))
+            spec = load_space(args.space, cfg)
+            if args.num_samples < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
+                raise ConfigError("--num-samples/--max-concurrent: accepted: integers >= 1")
+            from alignprop.platform.tune import run_sweep
+
+            run_sweep(cfg, spec, args.num_samples, args.max_concurrent, args.name, args.register)
         elif args.command == "sample":
             from alignprop.platform.sample import write_samples
 

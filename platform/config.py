@@ -89,6 +89,7 @@ class TrainerSection:
     early_stop_metric: Optional[str] = None  # e.g. eval/colorfulness: stop when it stops improving
     early_stop_patience: int = 3  # evaluations without a new best before stopping
     ema_decay: float = 0.0  # EMA of the LoRA weights (0 disables); evaluated and saved beside them
+    fail_at_step: Optional[int] = None  # fault injection for tests: raise at this step unless resumed
 
 
 @dataclass
@@ -266,14 +267,15 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1}} → {"optim.lr": 1}; lists of reward dicts by name ("rewards.brightness.weight")."""
+    """{"optim": {"lr": 1}} → {"optim.lr": 1}; reward lists by label ("rewards.brightness.weight")."""
     out: dict[str, Any] = {}
     if isinstance(data, dict):
         for key, value in data.items():
             out.update(flatten(value, f"{prefix}{key}."))
     elif isinstance(data, list) and data and all(isinstance(x, dict) and "name" in x for x in data):
         for item in data:
-            out.update(flatten({k: v for k, v in item.items() if k != "name"}, f"{prefix}{item['name']}."))
+            label = item.get("label", item["name"])
+            out.update(flatten({k: v for k, v in item.items() if k not in ("name", "label")}, f"{prefix}{label}."))
     else:
         out[prefix[:-1]] = data
     return out

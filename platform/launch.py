@@ -14,7 +14,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from alignprop.platform.config import RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
 from alignprop.platform.tracking import close_run, open_run, resolve_tracking_uri
@@ -73,30 +73,37 @@ def init_ray(address: Optional[str]) -> None:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
 
 
-def launch(cfg: RunConfig) -> TrainOutcome:
-    """Open the MLflow run, start the TorchTrainer, wait; marks the MLflow run FINISHED/FAILED."""
+def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Sequence[Any] = (),
+                  storage_path: Optional[str] = None):
+    """The TorchTrainer of one run; the same for `alignprop train` and every sweep trial."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    name = run_name(cfg)
-    uri = resolved_tracking_uri(cfg)
-    run_id = open_run(uri, cfg.tracking.experiment or cfg.name, name, flatten(to_dict(cfg)), to_yaml(cfg))
-    print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
-    init_ray(cfg.ray.address)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": to_dict(cfg), "tracking_uri": uri, "run_id": run_id},
+        train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker=dict(cfg.ray.resources_per_worker) or None,
         ),
         run_config=RayRunConfig(
-            name=name, storage_path=resolve_storage_path(cfg.ray.storage_path),
+            name=run_name(cfg), storage_path=storage_path or resolve_storage_path(cfg.ray.storage_path),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def launch(cfg: RunConfig) -> TrainOutcome:
+    """Open the MLflow run, start the TorchTrainer, wait; marks the MLflow run FINISHED/FAILED."""
+    name = run_name(cfg)
+    uri = resolved_tracking_uri(cfg)
+    run_id = open_run(uri, cfg.tracking.experiment or cfg.name, name, flatten(to_dict(cfg)), to_yaml(cfg))
+    print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
+    init_ray(cfg.ray.address)
+    trainer = build_trainer(cfg, uri, run_id)
     try:
         result = trainer.fit()
     except BaseException:

@@ -32,8 +32,11 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
     return uri
 
 
-def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], config_yaml: str) -> str:
-    """Find the run tagged `run_name` in `experiment` (resume) or create it; returns its id."""
+def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], config_yaml: str,
+             tags: Optional[dict[str, str]] = None) -> str:
+    """Find the run tagged `run_name` in `experiment` (resume) or create it; returns its id.
+
+    `tags` go on a new run (e.g. `mlflow.parentRunId` makes it a child in the MLflow UI)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -44,7 +47,7 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], c
     if runs:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
     run_id = run.info.run_id
     items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
     for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params

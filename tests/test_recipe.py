@@ -82,7 +82,7 @@ def test_reward_mix_ema_and_eval_rewards_are_logged_to_mlflow(deepspeed_world, t
     for key in ("reward/brightness_mean", "reward/saturation_mean", "reward/total_mean"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
     for key in ("eval/colorfulness", "eval/brightness", "eval_ema/reward_total", "eval_ema/colorfulness"):
-        assert [m.step for m in client.get_metric_history(run_id, key)] == [2, 3], key
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 2, 3], key  # 0: the base model
     assert {a.path for a in client.list_artifacts(run_id, "lora")} == {"lora/best", "lora/final", "lora/final_ema"}
     assert r.rewards.stats["saturation"][0] == 3 * 2, "running stats saw every image"
 

@@ -91,6 +91,7 @@ class AlignPropRecipe:
         self.best_eval = -math.inf
         self.early_stop = {"best": -math.inf, "evals_without_best": 0}
         self.ema: dict[str, torch.Tensor] = {}
+        self.last_eval: dict[str, float] = {}  # carried in every report: schedulers compare it each step
         self.tracker = Tracker(ctx.tracking_uri, ctx.run_id, enabled=ctx.rank == 0)
 
     # ----------------------------------------------------------------------------- setup
@@ -134,6 +135,8 @@ class AlignPropRecipe:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step (grad_accum micro-batches); returns metrics averaged over ranks."""
         cfg, start = self.cfg, time.perf_counter()
+        if cfg.trainer.fail_at_step == step + 1 and not self.ctx.resume_dir:
+            raise RuntimeError(f"injected failure at step {step + 1} (trainer.fail_at_step)")
         k = draw_k(cfg.truncation, cfg.sampling.num_steps, cfg.trainer.seed, step)
         self.engine.train()
         rows, losses = [], []
@@ -244,7 +247,7 @@ class AlignPropRecipe:
         if self.ctx.rank == 0:
             save_lora(self.pipe.unet, directory)
             state = {"step": self.step, "best_eval": self.best_eval, "config_name": self.cfg.name,
-                     "early_stop": self.early_stop, "reward_stats": self.rewards.stats}
+                     "early_stop": self.early_stop, "reward_stats": self.rewards.stats, "last_eval": self.last_eval}
             (Path(directory) / STATE_FILE).write_text(json.dumps(state))
             if self.ema:
                 save_file({n: t.cpu().contiguous() for n, t in self.ema.items()}, str(Path(directory) / EMA_FILE))
@@ -254,6 +257,7 @@ class AlignPropRecipe:
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         self.step, self.best_eval = int(state["step"]), float(state["best_eval"])
         self.early_stop = state.get("early_stop", self.early_stop)
+        self.last_eval = state.get("last_eval", {}) if self.ctx.rank == 0 else {}
         self.rewards.stats.update(state.get("reward_stats", {}))
         if self.ema and (Path(directory) / EMA_FILE).exists():
             self.ema = {n: t.to(self.ctx.device) for n, t in load_file(str(Path(directory) / EMA_FILE)).items()}
@@ -268,13 +272,17 @@ class AlignPropRecipe:
 
         cfg, metrics = self.cfg.trainer, {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="alignprop", disable=self.ctx.rank != 0 or not self.ctx.progress)
+        if self.step == 0 and cfg.eval_every and self.ctx.rank == 0:  # the base model's baseline
+            self.last_eval = self.evaluate(0)
+            self.tracker.log_metrics(self.last_eval, 0)
         while self.step < cfg.max_steps and not self.early_stop.get("stopped"):
             metrics = self.train_step(self.step)
             self.step += 1
             last = self.step == cfg.max_steps
             evaluating = cfg.eval_every and (self.step % cfg.eval_every == 0 or last)
             if evaluating and self.ctx.rank == 0:
-                metrics.update(self.evaluate(self.step))
+                self.last_eval = self.evaluate(self.step)
+                metrics.update(self.last_eval)
             if evaluating and cfg.early_stop_metric and not last and self._should_stop(metrics):
                 last, self.early_stop["stopped"] = True, True
                 metrics["early_stopped"] = 1.0
@@ -285,9 +293,9 @@ class AlignPropRecipe:
             if self.step % cfg.ckpt_every == 0 or last:
                 with tempfile.TemporaryDirectory() as directory:
                     self.save_checkpoint(directory)
-                    self.ctx.report(metrics, directory)
+                    self.ctx.report({**self.last_eval, **metrics}, directory)
             else:
-                self.ctx.report(metrics, None)
+                self.ctx.report({**self.last_eval, **metrics}, None)
             if last:
                 break
         bar.close()

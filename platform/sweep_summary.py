@@ -1,0 +1,121 @@
+"""End of a sweep: results table (printed, CSV), metric-vs-parameter plot, best trial and its LoRA,
+all logged to the MLflow parent run; early-stopped children are closed as KILLED."""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from alignprop.platform.sweep_space import SweepSpec
+
+
+def _rows(results, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        steps = metrics.get("step", 0)
+        finished = steps >= max_steps or metrics.get("early_stopped")
+        status = "error" if result.error else ("complete" if finished else "stopped")
+        row = {"trial_id": metrics.get("trial_id", Path(result.path).name), "status": status, "steps": steps,
+               spec.metric: metrics.get(spec.metric, math.nan)}
+        row.update({key: (result.config or {}).get(key) for key in spec.space})
+        rows.append(row)
+    sign = -1 if spec.mode == "max" else 1
+    return sorted(rows, key=lambda r: (math.isnan(r[spec.metric]), sign * (0 if math.isnan(r[spec.metric]) else r[spec.metric])))
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def cell(v):
+        return f"{v:.5g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(cell(row[c]).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _plot(rows: list[dict[str, Any]], spec: SweepSpec, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(spec.space)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ok = [r for r in rows if not math.isnan(r[spec.metric]) and r[key] is not None]
+        xs = [r[key] if isinstance(r[key], (int, float)) else str(r[key]) for r in ok]
+        ax.scatter(xs, [r[spec.metric] for r in ok], c=["tab:blue" if r["status"] == "complete" else "tab:orange" for r in ok])
+        if spec.space[key]["space"] == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(spec.metric)
+    fig.suptitle(f"{spec.name}: {spec.metric} per trial (orange: stopped early)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarize(results, spec: SweepSpec, max_steps: int, uri: str, parent_id: str, concurrency: int,
+              register_as: Optional[str] = None) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    rows = _rows(results, spec, max_steps)
+    columns = ["trial_id", "status", "steps", spec.metric, *spec.space]
+    print(f"\n[tune] {len(rows)} trials, up to {concurrency} at a time, sorted by {spec.metric} ({spec.mode}):")
+    _print_table(rows, columns)
+    children = _child_runs(client, parent_id)
+    for trial_id, run in children.items():
+        if run.info.status == "RUNNING":  # killed by the scheduler before it could close its run
+            client.set_tag(run.info.run_id, "alignprop.early_stopped", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+    best = next((r for r in rows if r["status"] != "error" and not math.isnan(r[spec.metric])), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(Path(tmp) / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({c: r[c] for c in columns} for r in rows)
+        _plot(rows, spec, Path(tmp) / "metric_vs_params.png")
+        client.log_artifact(parent_id, str(Path(tmp) / "results.csv"))
+        client.log_artifact(parent_id, str(Path(tmp) / "metric_vs_params.png"))
+        if best is not None and best["trial_id"] in children:
+            _export_best(client, uri, parent_id, children[best["trial_id"]], best, spec, tmp, register_as)
+    client.log_metric(parent_id, "sweep/trials", len(rows))
+    client.log_metric(parent_id, "sweep/concurrency", concurrency)
+    return {"rows": rows, "best": best, "parent_run_id": parent_id, "concurrency": concurrency}
+
+
+def _child_runs(client, parent_id: str) -> dict[str, Any]:
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {run.data.tags.get("alignprop.trial_id"): run for run in runs}
+
+
+def _export_best(client, uri: str, parent_id: str, child, best: dict, spec: SweepSpec, tmp: str,
+                 register_as: Optional[str]) -> None:
+    """Tag the best child, copy its config and best LoRA onto the parent, optionally register it."""
+    import mlflow.artifacts
+
+    client.set_tag(child.info.run_id, "alignprop.best", "true")
+    client.set_tag(parent_id, "alignprop.best_trial_id", best["trial_id"])
+    client.set_tag(parent_id, "alignprop.best_run_id", child.info.run_id)
+    client.log_metric(parent_id, f"best/{spec.metric}", best[spec.metric])
+    config = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="config.yaml", dst_path=tmp, tracking_uri=uri)
+    client.log_text(parent_id, Path(config).read_text(), "best_config.yaml")
+    lora = "lora/best" if any(a.path == "lora/best" for a in client.list_artifacts(child.info.run_id, "lora")) else "lora/final"
+    local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=lora, dst_path=str(Path(tmp) / "lora"), tracking_uri=uri)
+    client.log_artifacts(parent_id, local, "best_lora")
+    if register_as:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.create_registered_model(register_as)
+        except MlflowException:
+            pass  # already registered: add a version
+        source = f"{client.get_run(parent_id).info.artifact_uri}/best_lora"
+        version = client.create_model_version(register_as, source, run_id=parent_id)
+        client.set_registered_model_alias(register_as, "best", version.version)

@@ -1,0 +1,141 @@
+"""`alignprop tune`: a Ray Tune sweep whose trials are full AlignProp Ray Train runs, in MLflow.
+
+    alignprop tune --config tiny-cpu --space k_lr --num-samples 8
+    alignprop tune --config tiny-cpu --space tune_spaces/k_lr.yaml --max-concurrent 2 --address auto
+
+One MLflow parent run per sweep, one child run per trial (`mlflow.parentRunId`); at the end the
+parent gets the results table, a plot of the metric against each searched parameter, the best
+trial's id and config, and its LoRA. Rerunning with the same sweep name resumes the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from alignprop.platform.config import RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
+from alignprop.platform.launch import build_trainer, init_ray, resolve_storage_path, resolved_tracking_uri
+from alignprop.platform.sweep_space import SweepSpec, apply_params, tune_domain
+from alignprop.platform.tracking import close_run, open_run
+
+TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
+
+
+def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
+    """One Tune trial: the sampled params onto the base config → a TorchTrainer reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = apply_params(from_dict(base), params)
+    cfg.tracking.run_name = f"{sweep['name']}-{trial_id}"
+    tags = {"mlflow.parentRunId": sweep["parent_run_id"], "alignprop.sweep": sweep["name"], "alignprop.trial_id": trial_id}
+    run_id = open_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg), tags)
+    trainer = build_trainer(cfg, sweep["tracking_uri"], run_id, callbacks=[TuneReportCallback()],
+                            storage_path=sweep["trials_path"])
+    try:
+        trainer.fit()
+    except BaseException:
+        close_run(sweep["tracking_uri"], run_id, failed=True)
+        raise
+    close_run(sweep["tracking_uri"], run_id, failed=False)
+
+
+def _scheduler(spec: SweepSpec, max_steps: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    if spec.scheduler == "none":
+        return None
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_steps, grace_period=spec.grace_period,
+                         reduction_factor=spec.reduction_factor)
+
+
+def _search(spec: SweepSpec):
+    if spec.search == "random":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=spec.seed)
+
+
+def default_concurrency(cfg: RunConfig) -> int:
+    """As many trials as the cluster's CPUs hold, each needing its workers' CPUs plus TRIAL_CPU."""
+    import ray
+
+    per_worker = cfg.ray.resources_per_worker.get("CPU", 1.0)
+    per_trial = cfg.ray.num_workers * per_worker + TRIAL_CPU
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+
+
+class TrialProgress:
+    """Prints one line per finished trial (a Ray Tune callback)."""
+
+    def __new__(cls, metric: str, total: int):
+        from ray.tune import Callback
+
+        class _Progress(Callback):
+            done = 0
+
+            def _line(self, trial, how: str) -> None:
+                self.done += 1
+                value = (trial.last_result or {}).get(metric)
+                shown = f"{value:.5g}" if isinstance(value, float) else "n/a"
+                steps = (trial.last_result or {}).get("training_iteration", 0)
+                print(f"[tune] {self.done}/{total} trial {trial.trial_id} {how} after {steps} steps: {metric}={shown}", flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._line(trial, "finished")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._line(trial, "FAILED")
+
+        return _Progress()
+
+
+def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Optional[int] = None,
+              sweep_name: Optional[str] = None, register_as: Optional[str] = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the summary (also logged to the MLflow parent run)."""
+    from ray import tune
+
+    from alignprop.platform.sweep_summary import summarize
+
+    name = sweep_name or f"{cfg.name}-{spec.name}"
+    uri, experiment = resolved_tracking_uri(cfg), cfg.tracking.experiment or cfg.name
+    storage = resolve_storage_path(cfg.ray.storage_path)
+    parent_params = {"sweep.space": json.dumps(spec.space), "sweep.metric": spec.metric, "sweep.mode": spec.mode,
+                     "sweep.scheduler": spec.scheduler, "sweep.search": spec.search, "sweep.num_samples": num_samples,
+                     **flatten(to_dict(cfg))}
+    parent_id = open_run(uri, experiment, name, parent_params, to_yaml(cfg), {"alignprop.sweep": name, "alignprop.role": "sweep"})
+    print(f"[tune] sweep {name}  mlflow {uri} parent run {parent_id}", file=sys.stderr)
+    init_ray(cfg.ray.address)
+    concurrency = max_concurrent or default_concurrency(cfg)
+    sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,
+             "trials_path": str(Path(storage) / name / "trials") if "://" not in storage else f"{storage}/{name}/trials"}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep), {"CPU": TRIAL_CPU})
+    path = f"{storage}/{name}"
+    try:
+        if tune.Tuner.can_restore(path):
+            print(f"[tune] resuming sweep from {path}", file=sys.stderr)
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={key: tune_domain(domain) for key, domain in spec.space.items()},
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec, cfg.trainer.max_steps),
+                    search_alg=_search(spec), num_samples=num_samples, max_concurrent_trials=concurrency,
+                    trial_name_creator=lambda trial: f"{name}-{trial.trial_id}",
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                          callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
+            )
+        results = tuner.fit()
+    except BaseException:
+        close_run(uri, parent_id, failed=True)
+        raise
+    summary = summarize(results, spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)
+    close_run(uri, parent_id, failed=False)
+    return summary

@@ -1,0 +1,147 @@
+"""A real sweep: Ray Tune (ASHA) over Ray Train trials on the tiny preset, tracked by an `mlflow
+server` on 127.0.0.1 that this module starts; checked through MLflow's REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from alignprop.platform.config import load_config
+from alignprop.platform.sweep_space import load_space
+from conftest import VENV_BIN, free_port, subprocess_env
+
+pytestmark = pytest.mark.slow
+LRS = [0.1, 0.03, 1e-3, 1e-5]  # best first: later trials fall below the rung median and ASHA stops them
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        env=subprocess_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)  # polling readiness
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def rest(url: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def sweep_config(tmp_path, url, experiment, *overrides):
+    return load_config("tiny-cpu", [
+        "ray.num_workers=1", "ray.resources_per_worker={CPU: 0.98}", "trainer.max_steps=3", "trainer.eval_every=1",
+        "trainer.ckpt_every=3", f"ray.storage_path={tmp_path}/ray", f"tracking.uri={url}", f"tracking.experiment={experiment}",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, mlflow_server, local_ray):
+    from alignprop.platform.tune import run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    space = tmp / "lr.yaml"
+    space.write_text(f"metric: eval/reward_total\nmode: max\nscheduler: asha\nspace:\n"
+                     f"  optim.lr: {{space: grid_search, values: {LRS}}}\n")
+    cfg = sweep_config(tmp, mlflow_server, "sweep")
+    started = time.monotonic()
+    summary = run_sweep(cfg, load_space(str(space), cfg), num_samples=1, max_concurrent=2, sweep_name="lr-sweep",
+                        register_as="tiny-alignprop")
+    return summary, time.monotonic() - started, tmp
+
+
+def test_parent_and_four_children_in_mlflow(sweep, mlflow_server):
+    summary, seconds, _ = sweep
+    print(f"sweep wall time {seconds:.0f} s, up to {summary['concurrency']} trials at once")
+    found = rest(mlflow_server, "experiments/search", {"filter": "name = 'sweep'", "max_results": 10})["experiments"]
+    assert len(found) == 1
+    experiment = found[0]
+    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 50})["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parents = [r for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
+    children = [(r, t) for r, t in zip(runs, tags) if t.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 4
+    parent_id = parents[0]["info"]["run_id"]
+    assert all(t["mlflow.parentRunId"] == parent_id for _, t in children)
+    lrs = sorted(float({p["key"]: p["value"] for p in r["data"]["params"]}["optim.lr"]) for r, _ in children)
+    assert lrs == sorted(LRS)
+    parent_params = {p["key"]: p["value"] for p in parents[0]["data"]["params"]}
+    assert parent_params["sweep.metric"] == "eval/reward_total" and parent_params["sweep.scheduler"] == "asha"
+    statuses = sorted(r["info"]["status"] for r, _ in children)
+    assert "KILLED" in statuses, f"ASHA stopped no trial early: {statuses}"
+    assert [r["status"] for r in summary["rows"]].count("stopped") >= 1
+    parent_tags = {t["key"]: t["value"] for t in parents[0]["data"]["tags"]}
+    assert parent_tags["alignprop.best_trial_id"] == summary["best"]["trial_id"]
+    artifacts = urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={parent_id}").read()
+    listed = {f["path"] for f in json.loads(artifacts)["files"]}
+    assert {"results.csv", "metric_vs_params.png", "best_config.yaml", "best_lora"} <= listed
+
+
+def test_best_lora_loads_and_is_registered(sweep, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from alignprop.platform.models import build_tiny_pipeline
+
+    summary, _, _ = sweep
+    client = MlflowClient(mlflow_server)
+    local = client.download_artifacts(summary["parent_run_id"], "best_lora", str(tmp_path))
+    pipe = build_tiny_pipeline()
+    pipe.load_lora_weights(local)
+    assert client.get_model_version_by_alias("tiny-alignprop", "best").run_id == summary["parent_run_id"]
+
+
+def test_no_cpu_reservation_is_left_behind(sweep, local_ray):
+    ray = local_ray
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # Ray frees placement groups asynchronously: poll, bounded
+    assert ray.available_resources().get("CPU", 0) == 2
+
+    @ray.remote(num_cpus=2)
+    def whole_machine():
+        return "ran"
+
+    assert ray.get(whole_machine.remote(), timeout=30) == "ran"
+
+
+def test_a_failing_trial_does_not_stop_the_sweep(sweep, mlflow_server, local_ray):
+    from alignprop.platform.tune import run_sweep
+
+    _, _, tmp = sweep
+    space = tmp / "fail.yaml"
+    space.write_text("scheduler: none\nspace:\n  trainer.fail_at_step: {space: grid_search, values: [1, null]}\n")
+    cfg = sweep_config(tmp, mlflow_server, "failing", "trainer.max_steps=1")
+    summary = run_sweep(cfg, load_space(str(space), cfg), num_samples=1, max_concurrent=2, sweep_name="fail-sweep")
+    statuses = sorted(r["status"] for r in summary["rows"])
+    assert statuses == ["complete", "error"], summary["rows"]
