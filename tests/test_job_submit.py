@@ -63,3 +63,21 @@ def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward/total_mean")] == [1, 2]
     assert (tmp_path / "ray" / "job").is_dir()
+
+
+def test_ray_job_submit_runs_a_sweep_on_the_cluster(ray_head, tmp_path):
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
+         "alignprop", "tune", "--config", "tiny-cpu", "--space", "tune_spaces/tiny-smoke.yaml", "--num-samples", "2",
+         "--max-concurrent", "1", "ray.num_workers=1", "ray.resources_per_worker={CPU: 0.9}", "trainer.max_steps=1",
+         f"tracking.uri=sqlite:///{db}", f"ray.storage_path={tmp_path / 'ray'}"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "[tune] 2/2 trial" in proc.stdout
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
+    assert len(runs) == 3 and sum("mlflow.parentRunId" in r.data.tags for r in runs) == 2

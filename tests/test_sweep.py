@@ -145,3 +145,19 @@ def test_a_failing_trial_does_not_stop_the_sweep(sweep, mlflow_server, local_ray
     summary = run_sweep(cfg, load_space(str(space), cfg), num_samples=1, max_concurrent=2, sweep_name="fail-sweep")
     statuses = sorted(r["status"] for r in summary["rows"])
     assert statuses == ["complete", "error"], summary["rows"]
+
+
+def test_rerunning_a_sweep_with_the_same_name_resumes_it(sweep, mlflow_server, local_ray):
+    from mlflow import MlflowClient
+
+    from alignprop.platform.tune import run_sweep
+
+    summary, _, tmp = sweep
+    cfg = sweep_config(tmp, mlflow_server, "sweep")
+    again = run_sweep(cfg, load_space(str(tmp / "lr.yaml"), cfg), num_samples=1, max_concurrent=2, sweep_name="lr-sweep")
+    assert again["parent_run_id"] == summary["parent_run_id"]
+    assert sorted(r["trial_id"] for r in again["rows"]) == sorted(r["trial_id"] for r in summary["rows"])
+    client = MlflowClient(mlflow_server)
+    children = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    assert len(children) == 4, "no trial ran again"
