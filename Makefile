@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= token
+# DeepSpeed JIT-builds its CPU comm op once per venv here (a shared cache rebuilds when venvs alternate)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo test test-fast ui clean
 

@@ -49,6 +49,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    _quiet_ray_train_reports()
     cfg, context = from_dict(config["run"]), ray.train.get_context()
 
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
@@ -63,6 +64,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracking_uri=config["tracking_uri"], run_id=config["run_id"],
         )).setup()
     recipe.train()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every report of every rank at INFO (the whole metrics dict, per step);
+    our rank-0 progress bar and MLflow already carry them."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that internal module: keep its logging
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def init_ray(address: Optional[str]) -> None:

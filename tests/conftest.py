@@ -49,3 +49,13 @@ def tiny_pipe():
     from alignprop.platform.models import load_pipeline
 
     return load_pipeline(ModelSection(tiny=True))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run where CUDA is available and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -98,3 +98,22 @@ def test_stdlib_platform_wins_from_the_repo_root():
     )
     assert proc.returncode == 0, proc.stderr
     assert not (REPO / "platform" / "__init__.py").exists()
+
+
+def test_prompt_files_ship_with_the_package_and_load_from_a_path(tmp_path):
+    from alignprop.trainers.alignprop import load_prompts
+
+    shipped = load_prompts(load_config("tiny-cpu"))
+    assert "cat" in shipped and not any(p.startswith("#") for p in shipped)
+    (tmp_path / "mine.txt").write_text("# my prompts\nthree apples\n\ntwo dogs\n")
+    cfg = load_config("tiny-cpu", [f"trainer.prompt_file={tmp_path / 'mine.txt'}"])
+    assert load_prompts(cfg) == ["three apples", "two dogs"]
+
+
+def test_rewards_list_cli_names_every_reward_and_its_weights():
+    proc = subprocess.run([sys.executable, "-m", "alignprop.platform.cli", "rewards", "list"],
+                          capture_output=True, text=True, env=subprocess_env(HF_HUB_OFFLINE="1"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("aesthetic", "hpsv2", "pickscore", "compressibility", "jpeg_size", "object_count", "brightness"):
+        assert f"\n{name} " in f"\n{proc.stdout}", name
+    assert "mlp_path=not set (required)" in proc.stdout and "checkpoint=not set (required)" in proc.stdout

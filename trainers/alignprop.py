@@ -139,7 +139,7 @@ class AlignPropRecipe:
             raise RuntimeError(f"injected failure at step {step + 1} (trainer.fail_at_step)")
         k = draw_k(cfg.truncation, cfg.sampling.num_steps, cfg.trainer.seed, step)
         self.engine.train()
-        rows, losses = [], []
+        rows = []
         for micro in range(cfg.optim.grad_accum):
             pick = random.Random(hash((cfg.trainer.seed, step, micro, self.ctx.rank)))
             prompts = [pick.choice(self.prompts) for _ in range(cfg.trainer.batch_size)]
@@ -148,7 +148,6 @@ class AlignPropRecipe:
             loss = -total.mean()
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.detach())
             rows.append(torch.stack([total, *parts.values()], dim=1).detach().float().cpu())
         values = _gather_rows(torch.cat(rows), self.ctx.world_size, self.ctx.device)
         self.rewards.update_stats(values[:, 1:])  # same numbers on every rank → same normalisation
