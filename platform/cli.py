@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-samples", type=int, default=4, help="trials (per grid point)")
     sweep.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster's CPUs hold")
     sweep.add_argument("--name", help="sweep name (default: <config>-<space>; same name = resume)")
+    sweep.add_argument("--trial-retries", type=int, default=0, help="rerun a failed trial this often (it resumes from its checkpoint)")
     sweep.add_argument("--register", help="register the best LoRA in the MLflow model registry under this name (alias 'best')")
     sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     sweep.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
@@ -99,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, _with_flags(args))
             spec = load_space(args.space, cfg)
-            if args.num_samples < 1 or (args.max_concurrent is not None and args.max_concurrent < 1):
-                raise ConfigError("--num-samples/--max-concurrent: accepted: integers >= 1")
+            if args.num_samples < 1 or (args.max_concurrent is not None and args.max_concurrent < 1) or args.trial_retries < 0:
+                raise ConfigError("--num-samples/--max-concurrent/--trial-retries: accepted: integers >= 1 (retries >= 0)")
             from alignprop.platform.tune import run_sweep
 
-            run_sweep(cfg, spec, args.num_samples, args.max_concurrent, args.name, args.register)
+            run_sweep(cfg, spec, args.num_samples, args.max_concurrent, args.name, args.register, args.trial_retries)
         elif args.command == "sample":
             from alignprop.platform.sample import write_samples
 

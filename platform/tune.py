@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any, Optional
+
+from ray.tune import Callback
 
 from alignprop.platform.config import RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
 from alignprop.platform.launch import build_trainer, init_ray, resolve_storage_path, resolved_tracking_uri
@@ -69,34 +70,34 @@ def default_concurrency(cfg: RunConfig) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
-class TrialProgress:
-    """Prints one line per finished trial (a Ray Tune callback)."""
+class TrialProgress(Callback):
+    """Prints one line per finished trial."""
 
-    def __new__(cls, metric: str, total: int):
-        from ray.tune import Callback
+    def __init__(self, metric: str, total: int):
+        self.metric, self.total, self.done = metric, total, 0
 
-        class _Progress(Callback):
-            done = 0
+    def _line(self, trial, how: str) -> None:
+        self.done += 1
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = f"{value:.5g}" if isinstance(value, float) else "n/a"
+        print(f"[tune] {self.done}/{self.total} trial {trial.trial_id} {how} after {result.get('step', 0)} steps: "
+              f"{self.metric}={shown}", flush=True)
 
-            def _line(self, trial, how: str) -> None:
-                self.done += 1
-                value = (trial.last_result or {}).get(metric)
-                shown = f"{value:.5g}" if isinstance(value, float) else "n/a"
-                steps = (trial.last_result or {}).get("training_iteration", 0)
-                print(f"[tune] {self.done}/{total} trial {trial.trial_id} {how} after {steps} steps: {metric}={shown}", flush=True)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "finished")
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self._line(trial, "finished")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self._line(trial, "FAILED")
-
-        return _Progress()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "FAILED")
 
 
 def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Optional[int] = None,
-              sweep_name: Optional[str] = None, register_as: Optional[str] = None) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns the summary (also logged to the MLflow parent run)."""
+              sweep_name: Optional[str] = None, register_as: Optional[str] = None, trial_retries: int = 0) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the summary (also logged to the MLflow parent run).
+
+    Failures nest: `ray.max_failures` restarts a trial's Train workers from its last checkpoint;
+    `trial_retries` reruns a trial that still failed, and its TorchTrainer (same run name)
+    resumes from that checkpoint too. A trial that fails for good does not stop the sweep."""
     from ray import tune
 
     from alignprop.platform.sweep_summary import summarize
@@ -112,7 +113,7 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
     init_ray(cfg.ray.address)
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,
-             "trials_path": str(Path(storage) / name / "trials") if "://" not in storage else f"{storage}/{name}/trials"}
+             "trials_path": f"{storage}/{name}/trials"}  # local path or s3://, gs:// alike
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep), {"CPU": TRIAL_CPU})
     path = f"{storage}/{name}"
     try:
@@ -130,6 +131,7 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
                     trial_dirname_creator=lambda trial: trial.trial_id,
                 ),
                 run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=trial_retries),
                                           callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
             )
         results = tuner.fit()
