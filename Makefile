@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/alignprop train --config tiny-cpu
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=10 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests
