@@ -270,6 +270,11 @@ class AlignPropRecipe:
         from tqdm.auto import tqdm
 
         cfg, metrics = self.cfg.trainer, {}
+        if self.ctx.rank == 0 and self.ctx.resume_dir:
+            done = self.step >= cfg.max_steps or self.early_stop.get("stopped")
+            print(f"[alignprop] resumed at step {self.step} of {cfg.max_steps} from {self.ctx.resume_dir}"
+                  + ("; nothing left to train (raise trainer.max_steps, or set tracking.run_name for a new run)" if done else ""),
+                  flush=True)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="alignprop", disable=self.ctx.rank != 0 or not self.ctx.progress)
         if self.step == 0 and cfg.eval_every and self.ctx.rank == 0:  # the base model's baseline
             self.last_eval = self.evaluate(0)
