@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from alignprop.rewards.base import Reward, clip_preprocess
+from alignprop.rewards.base import Reward, clip_preprocess, read_state_dict
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 MLP_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
@@ -45,11 +45,7 @@ def load_mlp_state(mlp_path: Optional[str]) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"aesthetic: MLP weights not found (mlp_path={mlp_path!r}); expected {MLP_FILE} from {MLP_URL} "
             f"— download it and set the reward option mlp_path to its local path")
-    if str(mlp_path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(mlp_path, device="cpu")
-    return torch.load(mlp_path, map_location="cpu", weights_only=True)
+    return read_state_dict(mlp_path)
 
 
 def load_clip_vision(clip_model: str, local_files_only: bool) -> nn.Module:

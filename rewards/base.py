@@ -56,6 +56,19 @@ def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_ST
     return (x - mean) / std
 
 
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A reward checkpoint's state dict: .safetensors, or .pt/.pth read with weights_only=True
+    (never unpickling arbitrary objects), unwrapped from {"state_dict": ...} when so saved."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
 class WeightedRewards(nn.Module):
     """sum_i weight_i * reward_i(images, prompts), reporting every (raw) component.
 

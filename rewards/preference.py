@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from alignprop.rewards.base import Reward, clip_preprocess
+from alignprop.rewards.base import Reward, clip_preprocess, read_state_dict
 
 CLIP_H14_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -190,18 +190,6 @@ def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """The state dict in a .pt/.pth (optionally under "state_dict") or .safetensors file."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
-
-
 def load_open_clip_checkpoint(path: str, config) -> nn.Module:
     """A transformers CLIPModel (float32) holding the open_clip weights in `path`; strict.
 
@@ -211,7 +199,7 @@ def load_open_clip_checkpoint(path: str, config) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import CLIPModel
 
-    mapped = open_clip_to_transformers(read_checkpoint(path))
+    mapped = open_clip_to_transformers(read_state_dict(path))
     with init_empty_weights(include_buffers=False):
         model = CLIPModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
