@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from alignprop.platform.config import RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
-from alignprop.platform.tracking import close_run, open_run, resolve_tracking_uri
+from alignprop.platform.tracking import open_run, resolve_tracking_uri, run_status
 
 
 @dataclass
@@ -116,13 +116,8 @@ def launch(cfg: RunConfig) -> TrainOutcome:
     run_id = open_run(uri, cfg.tracking.experiment or cfg.name, name, flatten(to_dict(cfg)), to_yaml(cfg))
     print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
     init_ray(cfg.ray.address)
-    trainer = build_trainer(cfg, uri, run_id)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        close_run(uri, run_id, failed=True)
-        raise
-    close_run(uri, run_id, failed=False)
+    with run_status(uri, run_id):
+        result = build_trainer(cfg, uri, run_id).fit()
     return TrainOutcome(
         run_name=name, mlflow_run_id=run_id, tracking_uri=uri,
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,10 +57,17 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], c
     return run_id
 
 
-def close_run(uri: str, run_id: str, failed: bool) -> None:
+@contextmanager
+def run_status(uri: str, run_id: str):
+    """Marks the MLflow run FINISHED when the block ends, FAILED if it raises (then re-raises)."""
     from mlflow import MlflowClient
 
-    MlflowClient(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    try:
+        yield
+    except BaseException:
+        MlflowClient(uri).set_terminated(run_id, status="FAILED")
+        raise
+    MlflowClient(uri).set_terminated(run_id, status="FINISHED")
 
 
 def _param_value(value: Any) -> str:

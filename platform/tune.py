@@ -19,7 +19,7 @@ from ray.tune import Callback
 from alignprop.platform.config import RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
 from alignprop.platform.launch import build_trainer, init_ray, resolve_storage_path, resolved_tracking_uri
 from alignprop.platform.sweep_space import SweepSpec, apply_params, tune_domain
-from alignprop.platform.tracking import close_run, open_run
+from alignprop.platform.tracking import open_run, run_status
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
 
@@ -36,12 +36,8 @@ def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
     run_id = open_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg), tags)
     trainer = build_trainer(cfg, sweep["tracking_uri"], run_id, callbacks=[TuneReportCallback()],
                             storage_path=sweep["trials_path"])
-    try:
+    with run_status(sweep["tracking_uri"], run_id):
         trainer.fit()
-    except BaseException:
-        close_run(sweep["tracking_uri"], run_id, failed=True)
-        raise
-    close_run(sweep["tracking_uri"], run_id, failed=False)
 
 
 def _scheduler(spec: SweepSpec, max_steps: int):
@@ -116,7 +112,7 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
              "trials_path": f"{storage}/{name}/trials"}  # local path or s3://, gs:// alike
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep), {"CPU": TRIAL_CPU})
     path = f"{storage}/{name}"
-    try:
+    with run_status(uri, parent_id):  # a failed fit or summary marks the parent FAILED
         if tune.Tuner.can_restore(path):
             print(f"[tune] resuming sweep from {path}", file=sys.stderr)
             tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
@@ -134,10 +130,5 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
                                           failure_config=tune.FailureConfig(max_failures=trial_retries),
                                           callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
             )
-        results = tuner.fit()
-    except BaseException:
-        close_run(uri, parent_id, failed=True)
-        raise
-    summary = summarize(results, spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)
-    close_run(uri, parent_id, failed=False)
+        summary = summarize(tuner.fit(), spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)
     return summary

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +87,7 @@ def test_reward_mix_ema_and_eval_rewards_are_logged_to_mlflow(deepspeed_world, t
 
 
 def test_early_stop_on_a_falling_held_out_reward_and_stays_stopped(deepspeed_world, tmp_path):
-    reports, saved = [], {}
+    reports = []
 
     def keep(metrics, directory):
         reports.append(metrics)
