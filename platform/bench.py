@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from alignprop.platform.config import RunConfig, from_dict, to_dict
+from alignprop.platform.config import ConfigError, RunConfig, from_dict, to_dict
 
 
 def _cell(config: dict, k: int, use_checkpoint: bool, steps: int) -> tuple[float, float]:
@@ -57,6 +57,8 @@ def _run_cell(config: dict, k: int, use_checkpoint: bool, steps: int) -> tuple[f
 
 
 def run_bench(cfg: RunConfig, steps: int = 3) -> list[dict]:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # before any process starts
+        raise ConfigError(f"--steps: got {steps!r}; accepted: an integer >= 1")
     n = cfg.sampling.num_steps
     ks = sorted({1, max(1, n // 2), n})
     config, rows = to_dict(cfg), []

@@ -15,9 +15,11 @@ Config errors are one line naming the field, printed before Ray starts (exit cod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from alignprop.platform.config import ConfigError, list_presets, load_config
+from alignprop.platform.errors import RunBusyError, UnsafeCheckpointError
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -123,9 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             from alignprop.platform.bench import run_bench
 
             run_bench(load_config(args.config, list(args.overrides)), args.steps)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, RunBusyError, UnsafeCheckpointError) as err:
         print(f"alignprop: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nalignprop: interrupted; the MLflow run is marked KILLED. Rerun the same command to resume "
+              "from the last checkpoint.", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now: Ray threads may still be blocked in calls that a normal interpreter shutdown
+        # would wait for. A local Ray's daemons and workers die with this process.
+        os._exit(130)
     return 0
 
 

@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# Run, sweep and config names become directory names and MLflow tag values: keep them plain.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+SAFE_NAME_TEXT = "letters, digits and . _ + - (at most 128, not starting with . _ + -)"
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 class ConfigError(ValueError):
@@ -104,6 +111,7 @@ class RaySection:
     num_workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    resource_wait_s: Optional[float] = None  # None: refuse at once on a local Ray, wait up to 600 s on a cluster
     storage_path: Optional[str] = None  # None: ~/ray_results
     max_failures: int = 0
 
@@ -132,36 +140,72 @@ class RunConfig:
 
 
 def resolve_preset(name_or_path: str) -> Path:
-    """`tiny-cpu` → platform/configs/tiny-cpu.yaml; a path is taken as given."""
+    """`tiny-cpu` → platform/configs/tiny-cpu.yaml; a path (has a / or a .yaml suffix) is taken as given."""
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path or path.exists():
         if not path.is_file():
-            raise ConfigError(f"--config: no such file {path}")
+            raise ConfigError(f"--config: no such file {str(path)!r}; accepted: a preset ({', '.join(list_presets())}) or a YAML path")
         return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.is_file():
+    if not SAFE_NAME.fullmatch(name_or_path) or not (PRESET_DIR / f"{name_or_path}.yaml").is_file():
         raise ConfigError(f"--config: unknown preset {name_or_path!r}; accepted: {', '.join(list_presets())} or a YAML path")
-    return preset
+    return PRESET_DIR / f"{name_or_path}.yaml"
 
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: list[str] = ()) -> RunConfig:
-    """Merge schema ← preset ← overrides, validate, and return a typed (read-only) config."""
+def load_config(name_or_path: str, overrides: Sequence[str] = (), paths: bool = True) -> RunConfig:
+    """Merge schema ← preset ← overrides, validate, check the paths it names (unless `paths=False`:
+    a preset meant for another machine), and return a typed config."""
     preset = resolve_preset(name_or_path)
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override {item!r}: expected key=value; accepted: e.g. optim.lr=3e-4 or truncation.k=5")
+        if item.split("=", 1)[1].strip() == "???":
+            raise ConfigError(f"{item.split('=', 1)[0].strip()}: '???' (a missing value); accepted: a value")
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(RunConfig(name=preset.stem)),
-            OmegaConf.load(preset),
-            OmegaConf.from_dotlist(list(overrides)),
-        )
+        data = OmegaConf.load(preset)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"--config {preset}: not a readable YAML file ({_first_line(err)}); accepted: a mapping of sections such as model, optim, trainer") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"--config {preset}: expected a mapping of sections; accepted: {', '.join(f.name for f in fields(RunConfig))}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig(name=preset.stem)), data, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: '???' (a missing value); accepted: a value for {missing[0]}")
+        cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
-    cfg: RunConfig = OmegaConf.to_object(merged)
+    except (TypeError, ValueError) as err:  # e.g. rewards={name: x}: a mapping where a list belongs
+        raise ConfigError(_merge_type_message(err, overrides)) from None
     validate(cfg)
+    if paths:
+        check_paths(cfg)
     return cfg
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def _merge_type_message(err: Exception, overrides: Sequence[str]) -> str:
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in _LIST_FIELDS and not item.split("=", 1)[1].lstrip().startswith("["):
+            return f"{key}: got {item.split('=', 1)[1]!r}; accepted: {_LIST_FIELDS[key]}"
+    return f"config: {_first_line(err)}"
+
+
+_LIST_FIELDS = {
+    "rewards": "a list such as [{name: brightness, weight: 1.0}]",
+    "eval_rewards": "a list such as [{name: saturation}]",
+    "lora.target_modules": "a list such as [to_q, to_k, to_v, to_out.0]",
+    "optim.betas": "a list of two numbers such as [0.9, 0.999]",
+    "trainer.prompts": "a list of prompts such as [a cat, a dog]",
+    "trainer.eval_prompts": "a list of prompts such as [a cat, a dog]",
+}
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -172,6 +216,17 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     bad_type = re.match(r"Value '(.*)' of type '.*' could not be converted to (\w+)", first)
     if bad_type:
         return f"{key}: got {bad_type[1]!r}; accepted: a {bad_type[2].lower()}"
+    if key in _LIST_FIELDS:
+        return f"{key}: not a list; accepted: {_LIST_FIELDS[key]}"
+    section = re.match(r"Merge error: \w+ is not a subclass of (\w+)Section", first)
+    if section or "is not a subclass of" in first:
+        name = key or (section[1].lower() if section else "config")
+        keys = _section_keys(f"{name}.x") if name in {f.name for f in fields(RunConfig)} else []
+        return f"{name}: not a mapping; accepted: a mapping of {', '.join(keys) or 'keys'}"
+    if "Interpolation" in type(err).__name__ or "interpolation" in first.lower():
+        return f"{key or 'config'}: cannot resolve interpolation ({first}); accepted: plain values"
+    if "Incompatible value 'None'" in first:
+        return f"{key}: no value given; accepted: {key}=<value>"
     return f"{key}: {first}" if key else first
 
 
@@ -193,6 +248,10 @@ def validate(cfg: RunConfig) -> None:
     from alignprop.rewards import validate_reward_specs
 
     m, s, t, o, tr = cfg.model, cfg.sampling, cfg.truncation, cfg.optim, cfg.trainer
+    _check_finite(cfg)
+    _check(bool(SAFE_NAME.fullmatch(cfg.name)), "name", f"got {cfg.name!r}; accepted: {SAFE_NAME_TEXT}")
+    if cfg.tracking.run_name is not None:
+        _check(bool(SAFE_NAME.fullmatch(cfg.tracking.run_name)), "tracking.run_name", f"got {cfg.tracking.run_name!r}; accepted: {SAFE_NAME_TEXT}")
     _check(m.tiny != bool(m.pretrained), "model", "set exactly one of model.pretrained (hub id or local dir) or model.tiny=true")
     _check(m.dtype in DTYPE_NAMES, "model.dtype", f"got {m.dtype!r}; accepted: {', '.join(DTYPE_NAMES)}")
     _check(cfg.lora.rank >= 1, "lora.rank", f"got {cfg.lora.rank}; accepted: an integer >= 1")
@@ -207,6 +266,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_truncation(t, s.num_steps)
     _check(o.lr > 0, "optim.lr", f"got {o.lr}; accepted: > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"got {list(o.betas)}; accepted: two numbers in [0, 1)")
+    _check(o.eps > 0, "optim.eps", f"got {o.eps}; accepted: > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"got {o.weight_decay}; accepted: >= 0")
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", f"got {o.max_grad_norm}; accepted: >= 0 (0 disables clipping)")
     _check(o.grad_accum >= 1, "optim.grad_accum", f"got {o.grad_accum}; accepted: an integer >= 1")
@@ -221,8 +281,8 @@ def validate(cfg: RunConfig) -> None:
         evaluated = ["eval/reward_total"] + [f"eval/{s.get('label', s.get('name'))}" for s in [*cfg.rewards, *cfg.eval_rewards] if isinstance(s, dict)]
         _check(tr.early_stop_metric in evaluated and tr.eval_every > 0, "trainer.early_stop_metric", f"got {tr.early_stop_metric!r}; accepted (with trainer.eval_every > 0): {', '.join(evaluated)}")
     _check(bool(tr.prompts) != bool(tr.prompt_file), "trainer.prompts", "set exactly one of trainer.prompts (a list) or trainer.prompt_file")
-    if tr.prompt_file:
-        _check(prompt_path(tr.prompt_file).is_file(), "trainer.prompt_file", f"no such file {tr.prompt_file!r}; accepted: a path or one of {sorted(p.name for p in PROMPT_DIR.glob('*.txt'))}")
+    _check(all(isinstance(p, str) and p.strip() for p in [*tr.prompts, *tr.eval_prompts]), "trainer.prompts",
+           "contains an empty prompt; accepted: non-empty strings")
     _check(tr.eval_every == 0 or bool(tr.eval_prompts), "trainer.eval_prompts", "empty while trainer.eval_every > 0; accepted: a list of held-out prompts, or trainer.eval_every=0")
     validate_reward_specs(cfg.rewards, "rewards", allow_empty=False)
     validate_reward_specs(cfg.eval_rewards, "eval_rewards", allow_empty=True)
@@ -234,7 +294,21 @@ def validate(cfg: RunConfig) -> None:
     _check(r.num_workers >= 1, "ray.num_workers", f"got {r.num_workers}; accepted: an integer >= 1")
     _check(r.max_failures >= -1, "ray.max_failures", f"got {r.max_failures}; accepted: >= 0, or -1 for unlimited")
     _check(all(v >= 0 for v in r.resources_per_worker.values()), "ray.resources_per_worker", "accepted: non-negative amounts, e.g. {CPU: 1, GPU: 1}")
-    _check(cfg.tracking.uri is None or "://" in cfg.tracking.uri, "tracking.uri", f"got {cfg.tracking.uri!r}; accepted: a URI such as sqlite:///abs/path.db or http://127.0.0.1:5000")
+    _check(r.use_gpu or not r.resources_per_worker.get("GPU"), "ray.resources_per_worker",
+           "asks for GPU with ray.use_gpu=false; accepted: ray.use_gpu=true with GPU, or no GPU key")
+    _check(r.resource_wait_s is None or r.resource_wait_s >= 0, "ray.resource_wait_s", f"got {r.resource_wait_s}; accepted: >= 0 seconds")
+    uri = cfg.tracking.uri
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if uri and "://" in uri else None
+    _check(uri is None or scheme in TRACKING_SCHEMES, "tracking.uri",
+           f"got {uri!r}; accepted: a URI with scheme {', '.join(TRACKING_SCHEMES)}, such as sqlite:///abs/path.db or http://127.0.0.1:5000")
+
+
+def _check_finite(cfg: RunConfig) -> None:
+    """inf and nan pass `> 0`-style checks and train to garbage: refuse them everywhere."""
+    for key, value in flatten(to_dict(cfg)).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key}: got {item}; accepted: a finite number")
 
 
 def _validate_truncation(t: TruncationSection, n: int) -> None:
@@ -249,8 +323,84 @@ def _validate_truncation(t: TruncationSection, n: int) -> None:
 
 
 def prompt_path(name: str) -> Path:
+    """A prompt file: an absolute path, a path relative to the cwd, or a file shipped in platform/prompts/."""
     path = Path(name).expanduser()
-    return path if path.exists() or path.is_absolute() else PROMPT_DIR / name
+    if path.is_absolute():
+        return path
+    return path.resolve() if path.exists() else PROMPT_DIR / name
+
+
+def read_prompt_file(name: str, field_name: str = "trainer.prompt_file") -> list[str]:
+    """Non-empty, non-comment lines of a UTF-8 text file; ConfigError (one line) otherwise."""
+    path = prompt_path(name)
+    shipped = ", ".join(sorted(p.name for p in PROMPT_DIR.glob("*.txt")))
+    _check(path.is_file(), field_name, f"no such file {name!r}; accepted: a path or one of {shipped}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    _check("\0" not in text, field_name, f"{str(path)!r} is not UTF-8 text; accepted: a text file, one prompt per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    _check(bool(prompts), field_name, f"{str(path)!r} has no prompts; accepted: a text file, one prompt per line (# starts a comment)")
+    return prompts
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Checks of what the config names on this machine, done once on the driver before Ray starts:
+    prompt file, local model directory, LoRA target modules, storage path. A user's prompt file is
+    made absolute, since workers run in other directories."""
+    tr = cfg.trainer
+    if tr.prompt_file:
+        read_prompt_file(tr.prompt_file)
+        path = prompt_path(tr.prompt_file)
+        if path.parent != PROMPT_DIR:
+            tr.prompt_file = str(path)
+    if cfg.model.pretrained:
+        _check_pretrained(cfg.model.pretrained)
+    from alignprop.rewards.base import check_reward_files
+
+    check_reward_files(cfg.rewards, "rewards")
+    check_reward_files(cfg.eval_rewards, "eval_rewards")
+    _check_target_modules(cfg)
+    storage = cfg.ray.storage_path
+    if not (storage and "://" in storage):
+        _check_writable(Path(storage or "~/ray_results").expanduser().resolve(), "ray.storage_path")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _check_pretrained(name: str) -> None:
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1
+    if path.exists() or looks_local:
+        _check(path.is_dir(), "model.pretrained", f"no such directory {name!r}; accepted: a diffusers pipeline directory or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+        _check((path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file(), "model.pretrained",
+               f"{name!r} is not a diffusers pipeline directory (no model_index.json and unet/config.json); accepted: a directory written by save_pretrained, e.g. alignprop tiny-model DIR")
+    else:
+        _check(bool(_HUB_ID.fullmatch(name)), "model.pretrained", f"got {name!r}; accepted: a local pipeline directory or a hub id <org>/<name>")
+
+
+def _check_target_modules(cfg: RunConfig) -> None:
+    from alignprop.platform.models import unet_module_names
+
+    found = unet_module_names(cfg.model.tiny, cfg.model.pretrained, cfg.model.revision)
+    if found is None:  # a hub id that is not in the local cache: the worker checks it
+        return
+    names, linear = found
+    for target in cfg.lora.target_modules:  # peft's rule for a list: the name or a dotted suffix of it
+        if not any(n == target or n.endswith(f".{target}") for n in names):
+            raise ConfigError(f"lora.target_modules: {target!r} matches no module of the UNet; accepted: names of its layers such as {', '.join(linear)}")
+
+
+def _check_writable(path: Path, field_name: str) -> None:
+    """`path` (which may not exist yet) can be created and written by this user; writes nothing."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    _check(probe.is_dir(), field_name, f"{str(probe)!r} is not a directory; accepted: a writable directory or s3://, gs:// URI")
+    _check(os.access(probe, os.W_OK | os.X_OK), field_name, f"{str(probe)!r} is not writable by this user; accepted: a writable directory or s3://, gs:// URI")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

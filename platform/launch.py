@@ -10,14 +10,17 @@ from the last committed checkpoint and keeps logging into the same MLflow run.
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from alignprop.platform.config import RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
-from alignprop.platform.tracking import open_run, resolve_tracking_uri, run_status
+from alignprop.platform.config import ConfigError, RunConfig, flatten, from_dict, read_prompt_file, run_name, to_dict, to_yaml
+from alignprop.platform.tracking import probe_tracking_uri, resolve_tracking_uri, run_lock, tracked_run
 
 
 @dataclass
@@ -51,6 +54,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _quiet_ray_train_reports()
     cfg, context = from_dict(config["run"]), ray.train.get_context()
+    if config.get("prompts"):  # read on the driver: workers run elsewhere (other cwd, other nodes)
+        cfg.trainer.prompts, cfg.trainer.prompt_file = list(config["prompts"]), None
 
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -78,12 +83,86 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def init_ray(address: Optional[str]) -> None:
+def worker_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one Train worker reserves (Ray Train's rule: CPU 1 by default, GPU 1 with use_gpu)."""
+    per = {k: float(v) for k, v in cfg.ray.resources_per_worker.items() if v} or ({} if cfg.ray.use_gpu else {"CPU": 1.0})
+    if cfg.ray.use_gpu:
+        per.setdefault("GPU", 1.0)
+    return per
+
+
+def ray_address(cfg: RunConfig) -> Optional[str]:
+    """The cluster to join (ray.address, else RAY_ADDRESS), probed with a short timeout; None: a
+    new local Ray of our own (never an unrelated `ray start` cluster found on this machine)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        return None
+    if address != "auto":
+        hostport = address.split("://", 1)[-1].split("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        default = 10001 if address.startswith("ray://") else 8265 if address.startswith("http") else 6379
+        host, port = (host or hostport), (int(port) if port.isdigit() else default)
+        try:
+            socket.create_connection((host.strip("[]"), port), timeout=5).close()
+        except OSError as err:
+            raise ConfigError(f"ray.address: cannot reach {address} ({err.strerror or err}); accepted: a running cluster "
+                              "(the address `ray start --head` prints, or ray://<head>:10001), or unset for a local Ray") from None
+    return address
+
+
+def check_local_resources(cfg: RunConfig) -> None:
+    """Before starting a local Ray: refuse what this machine cannot hold (no waiting forever)."""
+    import torch
+
+    have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    _check_fits(cfg, have, "this machine")
+
+
+def _check_fits(cfg: RunConfig, have: dict[str, float], where: str) -> Optional[str]:
+    per, n = worker_resources(cfg), cfg.ray.num_workers
+    for key, amount in per.items():
+        if amount * n > have.get(key, 0.0) + 1e-9:
+            shown = ", ".join(f"{k}: {v:g}" for k, v in sorted(have.items()) if not k.startswith(("node:", "memory", "object_store")))
+            raise ConfigError(f"ray.num_workers/ray.resources_per_worker: {n} workers × {{{key}: {amount:g}}} need {key} {amount * n:g} "
+                              f"but {where} has {{{shown}}}; accepted: fewer workers or smaller resources_per_worker"
+                              + ("" if key != "GPU" else ", or ray.use_gpu=false"))
+    return None
+
+
+def wait_for_cluster_resources(cfg: RunConfig) -> None:
+    """On a cluster: the resources must exist, or appear (autoscaling) within ray.resource_wait_s."""
     import ray
 
-    if not ray.is_initialized():
-        # Local by default; RAY_ADDRESS or ray.address reaches a cluster. Dashboard on 127.0.0.1.
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    wait = 600.0 if cfg.ray.resource_wait_s is None else cfg.ray.resource_wait_s
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            _check_fits(cfg, ray.cluster_resources(), "the cluster")
+            return
+        except ConfigError as err:
+            if time.monotonic() >= deadline:
+                raise
+            print(f"[alignprop] waiting up to {deadline - time.monotonic():.0f} s for the cluster to scale up ({err}); "
+                  "Ctrl-C stops, ray.resource_wait_s=0 fails at once", file=sys.stderr, flush=True)
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+
+def init_ray(address: Optional[str]) -> bool:
+    """Join `address`, or start a local Ray bound to 127.0.0.1 only. Returns True if this call
+    started Ray (the caller shuts it down), False if Ray was already initialised or a cluster joined."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        from alignprop.platform.loopback import enter_loopback_mode
+
+        enter_loopback_mode()
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, configure_logging=False)
+        return True
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    return False
 
 
 def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Sequence[Any] = (),
@@ -92,10 +171,14 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from alignprop.platform.loopback import LoopbackTorchConfig, on_loopback_node
+
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None},
+        # On our loopback Ray the c10d rendezvous listens on 127.0.0.1 too (platform/loopback.py).
+        torch_config=(LoopbackTorchConfig if on_loopback_node() else TorchConfig)(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker=dict(cfg.ray.resources_per_worker) or None,
@@ -109,15 +192,71 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
     )
 
 
+def fit_interruptibly(trainer):
+    """`trainer.fit()` in a helper thread, so Ctrl-C reaches this (main) thread at once.
+
+    Ray Train's fit() in the main thread installs its own SIGINT handler, which waits for the
+    controller to abort (forever if the workers never started) and then exits the process with
+    `sys.exit`, past our handlers. Off the main thread it installs none; the caller turns the
+    KeyboardInterrupt into a KILLED run and exits, which ends the controller and workers."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="alignprop-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def check_resume_safety(storage: str, name: str) -> None:
+    """Refuse, before anything starts, checkpoints holding files we would not load (pickles)."""
+    if "://" in storage:
+        return  # remote storage: the worker checks the checkpoint it is given
+    from alignprop.trainers.alignprop import check_checkpoint_files
+
+    for directory in sorted((Path(storage) / name).glob("checkpoint_*")):
+        if directory.is_dir():
+            check_checkpoint_files(directory)
+
+
 def launch(cfg: RunConfig) -> TrainOutcome:
-    """Open the MLflow run, start the TorchTrainer, wait; marks the MLflow run FINISHED/FAILED."""
-    name = run_name(cfg)
-    uri = resolved_tracking_uri(cfg)
-    run_id = open_run(uri, cfg.tracking.experiment or cfg.name, name, flatten(to_dict(cfg)), to_yaml(cfg))
-    print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
-    init_ray(cfg.ray.address)
-    with run_status(uri, run_id):
-        result = build_trainer(cfg, uri, run_id).fit()
+    """Check what can be checked, take the run's lock, start (or join) Ray, open the MLflow run,
+    fit. The run ends FINISHED, FAILED, or KILLED (Ctrl-C); a local Ray we started is shut down."""
+    import ray
+
+    name, uri = run_name(cfg), resolved_tracking_uri(cfg)
+    storage = resolve_storage_path(cfg.ray.storage_path)
+    address = ray_address(cfg)
+    if address is None and not ray.is_initialized():
+        check_local_resources(cfg)
+    probe_tracking_uri(uri)
+    check_resume_safety(storage, name)
+    started = False
+    try:
+        with run_lock(storage, name):
+            started = init_ray(address)
+            wait_for_cluster_resources(cfg)
+            with tracked_run(uri, cfg.tracking.experiment or cfg.name, name, flatten(to_dict(cfg)), to_yaml(cfg)) as run_id:
+                print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
+                result = fit_interruptibly(build_trainer(cfg, uri, run_id))
+    except KeyboardInterrupt:
+        # The fit thread still uses Ray: shutting Ray down under it makes Ray's core worker end the
+        # process. The process exit ends it all instead (the CLI exits at once): a local Ray's
+        # daemons share our fate (kill-on-parent-death), and a cluster kills the Train controller
+        # (and so the workers) whose owner, this driver, is gone.
+        started = False
+        raise
+    finally:
+        if started:
+            ray.shutdown()
     return TrainOutcome(
         run_name=name, mlflow_run_id=run_id, tracking_uri=uri,
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,

@@ -63,17 +63,21 @@ def build_tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length, pad_token="<|endoftext|>")
 
 
+def _tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32,
+    )
+
+
 def build_tiny_pipeline() -> StableDiffusionPipeline:
     """The SD-shaped pipeline of NOTES.md (~1M-param UNet, 32×32 images), deterministic weights."""
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=8, norm_num_groups=32,
-        )
+        unet = _tiny_unet()
         vae = AutoencoderKL(
             block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -150,3 +154,26 @@ def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> Path:
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
     )
     return Path(directory) / LORA_WEIGHTS_NAME
+
+
+@lru_cache(maxsize=8)
+def unet_module_names(tiny: bool, pretrained: str | None, revision: str | None = None) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """(every module name, the distinct leaf names of its Linear layers) of the run's UNet: what
+    `lora.target_modules` must match. Built on the meta device from the config alone; None for a
+    hub id whose config is not in the local cache (the worker then checks)."""
+    path = Path(str(pretrained)).expanduser()
+    try:
+        if tiny:
+            unet_config = None
+        elif path.is_dir():
+            unet_config = UNet2DConditionModel.load_config(str(path / "unet"))
+        else:
+            unet_config = UNet2DConditionModel.load_config(str(pretrained), subfolder="unet", revision=revision, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        unet = _tiny_unet() if tiny else UNet2DConditionModel.from_config(unet_config)
+    modules = dict(unet.named_modules())
+    leaf = lambda name: ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]  # noqa: E731
+    linear = sorted({leaf(n) for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+    return frozenset(modules), tuple(linear)

@@ -1,53 +1,120 @@
 """`alignprop sample`: PNGs from the base pipeline and the same seeds with a trained LoRA.
 
     alignprop sample --config tiny-cpu --lora runs:/<run_id>/lora/final --prompt "a cat" --out samples/
+    alignprop sample --config tiny-cpu --lora models:/<name>@best --tracking-uri sqlite:////abs/mlflow.db ...
+
+An MLflow URI is resolved against the tracking URI, which is also used as the model registry URI
+(for models:/); nothing is created in the working directory while resolving it.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from alignprop.platform.config import RunConfig
+from alignprop.platform.config import ConfigError, RunConfig
 from alignprop.platform.models import LORA_WEIGHTS_NAME, load_pipeline
+from alignprop.platform.soup import lora_weights_file
+
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+URI_ACCEPTED = "runs:/<run_id>/lora/final or models:/<name>/<version> (or models:/<name>@<alias>) logged to --tracking-uri"
+
+
+def is_mlflow_uri(lora: str) -> bool:
+    return "://" in lora or lora.startswith(MLFLOW_SCHEMES)
 
 
 def resolve_lora(lora: str, tracking_uri: Optional[str] = None) -> Path:
-    """A LoRA directory, a .safetensors file, or an MLflow artifact URI → local directory/file."""
-    if "://" in lora or lora.startswith("runs:/") or lora.startswith("models:/"):
-        import mlflow.artifacts
+    """A LoRA directory, a .safetensors file, or an MLflow artifact URI → local directory/file.
 
-        from alignprop.platform.tracking import resolve_tracking_uri
-
-        uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=lora, tracking_uri=uri))
-    path = Path(lora).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"--lora: {path} does not exist; expected a directory holding {LORA_WEIGHTS_NAME}, the file itself, or runs:/<run_id>/lora/final")
+    Raises a one-line ConfigError or FileNotFoundError naming the LoRA (and the tracking URI) when it
+    cannot be found or is not a safetensors adapter; nothing is unpickled."""
+    if is_mlflow_uri(lora):
+        path = _download(lora, tracking_uri)
+    else:
+        path = Path(lora).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--lora: {path} does not exist; accepted: a directory holding {LORA_WEIGHTS_NAME}, the file itself, or runs:/<run_id>/lora/final")
+    lora_weights_file(path, source=lora)
     return path
+
+
+def _download(lora: str, tracking_uri: Optional[str]) -> Path:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from alignprop.platform.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    _check_local_store(uri, lora)
+    try:
+        with _tracking_and_registry(uri):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=lora, tracking_uri=uri, registry_uri=uri))
+    except (MlflowException, OSError) as err:
+        reason = " ".join(str(getattr(err, "message", None) or err).split())[:200]
+        raise ConfigError(f"--lora: cannot resolve {lora} at tracking URI {uri} ({reason}); accepted: {URI_ACCEPTED}") from None
+
+
+def _check_local_store(uri: str, lora: str) -> None:
+    """A local store must already exist (it holds the run): never create ./mlflow.db or ./mlruns."""
+    if uri.startswith("sqlite:///"):
+        store = Path(uri[len("sqlite:///"):])
+    elif uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        store = Path(unquote(urlparse(uri).path))
+    else:
+        return
+    if not store.exists():
+        raise ConfigError(f"--tracking-uri: no MLflow store at {store} to resolve {lora}; accepted: the tracking URI the run was "
+                          "logged to (--tracking-uri or MLFLOW_TRACKING_URI, e.g. sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000)")
+
+
+@contextmanager
+def _tracking_and_registry(uri: str):
+    """MLflow's models:/ resolution reads the global registry URI (not the `registry_uri` argument)
+    and would otherwise fall back to ./mlflow.db: set both to `uri` for the call, then restore."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        if hasattr(registry_utils, "_registry_uri"):
+            registry_utils._registry_uri = saved[1]
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @torch.no_grad()
 def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Optional[str], seed: int = 0,
                   tracking_uri: Optional[str] = None) -> list[Path]:
     """Writes base_<i>.png (and lora_<i>.png with `lora`) for each prompt, same seed per prompt."""
-    lora_path = resolve_lora(lora, tracking_uri) if lora else None  # fail before loading models
+    lora_path = resolve_lora(lora, tracking_uri or cfg.tracking.uri) if lora else None  # fail before loading models
+    lora_file = lora_weights_file(lora_path, source=lora) if lora_path else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.model).to(device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.sampling
     written = []
-    variants = [("base", None)] + ([("lora", lora_path)] if lora_path else [])
+    variants = [("base", None)] + ([("lora", lora_file)] if lora_file else [])
     for tag, path in variants:
-        if path is not None:
-            if path.is_file():
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-            else:
-                pipe.load_lora_weights(str(path))
+        if path is not None:  # always the checked .safetensors file: diffusers never falls back to a pickle
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         for i, prompt in enumerate(prompts):
             image = pipe(
                 prompt, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,

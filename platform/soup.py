@@ -12,28 +12,54 @@ and scales) and keeps the rank.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from alignprop.platform.config import ConfigError
 from alignprop.platform.models import LORA_WEIGHTS_NAME
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps rank/alpha/targets
+LORA_ACCEPTED = (f"a directory holding {LORA_WEIGHTS_NAME}, or that file (safetensors format; "
+                 "pickled .bin/.pt/.ckpt files are never loaded)")
+
+
+def lora_weights_file(path: str | Path, source: Optional[str] = None) -> Path:
+    """The adapter's .safetensors file in a LoRA directory (or the file itself), checked to be a
+    readable safetensors file by its header alone (nothing is unpickled or loaded). One-line
+    FileNotFoundError / ConfigError naming the file; `source` is what the user gave (e.g. a URI)."""
+    path = Path(path)
+    origin = f" (from {source})" if source and source != str(path) else ""
+    file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"--lora: no {LORA_WEIGHTS_NAME} in {path}{origin}; accepted: {LORA_ACCEPTED}")
+    if file.suffix != ".safetensors":
+        raise ConfigError(f"--lora: {file}{origin} is not a .safetensors file; accepted: {LORA_ACCEPTED}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            list(f.keys())
+    except Exception as err:  # SafetensorError, OSError, ...: not a safetensors file
+        reason = " ".join(str(err).split())[:120]
+        raise ConfigError(f"--lora: {file}{origin} is not in safetensors format ({reason}); accepted: {LORA_ACCEPTED}") from None
+    return file
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, adapter metadata) of a LoRA directory or .safetensors file."""
-    path = Path(path)
-    file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"--lora: no {LORA_WEIGHTS_NAME} at {path}")
+    file = lora_weights_file(path)
     with safe_open(str(file), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         raw = (f.metadata() or {}).get(METADATA_KEY)
-    meta = json.loads(raw) if raw else {}  # diffusers prefixes each key with the component: "unet.r"
+    if not _pairs(state):
+        raise ConfigError(f"--lora: {file} holds no LoRA weights (no lora_A/lora_B or lora.down/lora.up tensors); accepted: {LORA_ACCEPTED}")
+    try:
+        meta = json.loads(raw) if raw else {}  # diffusers prefixes each key with the component: "unet.r"
+    except json.JSONDecodeError:
+        raise ConfigError(f"--lora: {file} has unreadable {METADATA_KEY} metadata; accepted: an adapter saved by alignprop or diffusers") from None
     return state, {k.removeprefix("unet."): v for k, v in meta.items()}
 
 
@@ -62,7 +88,7 @@ def mix_delta(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) -
     """Exact mix of the low-rank updates, stacked along the rank; scale folded into B (alpha = rank)."""
     modules = [_pairs(state) for state, _ in adapters]
     if any(m.keys() != modules[0].keys() for m in modules):
-        raise ValueError("--lora: the adapters target different modules; mix adapters of the same base model and targets")
+        raise ConfigError("--lora: the adapters target different modules; accepted: adapters of the same base model and lora.target_modules")
     out = {}
     for prefix, (down_key, up_key) in modules[0].items():
         downs, ups = [], []
@@ -81,18 +107,26 @@ def mix_params(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) 
     first_state, first_meta = adapters[0]
     for state, meta in adapters[1:]:
         if state.keys() != first_state.keys() or any(state[k].shape != first_state[k].shape for k in state):
-            raise ValueError("--mode params: adapters differ in modules or ranks; use --mode delta")
+            raise ConfigError("--mode params: adapters differ in modules or ranks; accepted: --mode delta for these adapters")
         if meta.get("lora_alpha") != first_meta.get("lora_alpha"):
-            raise ValueError("--mode params: adapters have different lora_alpha; use --mode delta")
+            raise ConfigError("--mode params: adapters have different lora_alpha; accepted: --mode delta for these adapters")
     out = {k: sum(w * s[k].float() for (s, _), w in zip(adapters, weights)).contiguous() for k in first_state}
     return out, dict(first_meta)
 
 
-def soup(loras: Sequence[str], weights: Sequence[float], out_dir: str, mode: str = "delta") -> Path:
-    if len(loras) < 2 or len(loras) != len(weights):
-        raise ValueError(f"--weights: got {len(weights)} weights for {len(loras)} adapters; accepted: one weight per --lora, at least two adapters")
+def check_soup_args(n_loras: int, weights: Sequence[float], mode: str = "delta") -> None:
+    """One-line ConfigError for bad counts, non-finite weights or an unknown mode (before any I/O)."""
+    if n_loras < 2 or n_loras != len(weights):
+        raise ConfigError(f"--weights: got {len(weights)} weights for {n_loras} adapters; accepted: one weight per --lora, at least two adapters")
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+    if bad:
+        raise ConfigError(f"--weights: got {', '.join(str(w) for w in bad)}; accepted: finite numbers, one per --lora (e.g. 0.7 0.3)")
     if mode not in ("delta", "params"):
-        raise ValueError(f"--mode: got {mode!r}; accepted: delta, params")
+        raise ConfigError(f"--mode: got {mode!r}; accepted: delta, params")
+
+
+def soup(loras: Sequence[str], weights: Sequence[float], out_dir: str, mode: str = "delta") -> Path:
+    check_soup_args(len(loras), weights, mode)
     adapters = [read_lora(path) for path in loras]
     state, meta = (mix_delta if mode == "delta" else mix_params)(adapters, weights)
     out = Path(out_dir)

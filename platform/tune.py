@@ -16,10 +16,11 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
-from alignprop.platform.config import RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
-from alignprop.platform.launch import build_trainer, init_ray, resolve_storage_path, resolved_tracking_uri
+from alignprop.platform.config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
+from alignprop.platform.launch import (build_trainer, check_local_resources, init_ray, ray_address, resolve_storage_path,
+                                       resolved_tracking_uri, wait_for_cluster_resources)
 from alignprop.platform.sweep_space import SweepSpec, apply_params, tune_domain
-from alignprop.platform.tracking import open_run, run_status
+from alignprop.platform.tracking import probe_tracking_uri, run_lock, tracked_run
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
 
@@ -33,11 +34,9 @@ def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
     cfg = apply_params(from_dict(base), params)
     cfg.tracking.run_name = f"{sweep['name']}-{trial_id}"
     tags = {"mlflow.parentRunId": sweep["parent_run_id"], "alignprop.sweep": sweep["name"], "alignprop.trial_id": trial_id}
-    run_id = open_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg), tags)
-    trainer = build_trainer(cfg, sweep["tracking_uri"], run_id, callbacks=[TuneReportCallback()],
-                            storage_path=sweep["trials_path"])
-    with run_status(sweep["tracking_uri"], run_id):
-        trainer.fit()
+    with tracked_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg), tags) as run_id:
+        build_trainer(cfg, sweep["tracking_uri"], run_id, callbacks=[TuneReportCallback()],
+                      storage_path=sweep["trials_path"]).fit()
 
 
 def _scheduler(spec: SweepSpec, max_steps: int):
@@ -94,41 +93,61 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
     Failures nest: `ray.max_failures` restarts a trial's Train workers from its last checkpoint;
     `trial_retries` reruns a trial that still failed, and its TorchTrainer (same run name)
     resumes from that checkpoint too. A trial that fails for good does not stop the sweep."""
+    import ray
+
+    name = sweep_name or f"{cfg.name}-{spec.name}"
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"--name: got {name!r}; accepted: {SAFE_NAME_TEXT}")
+    uri, experiment = resolved_tracking_uri(cfg), cfg.tracking.experiment or cfg.name
+    storage = resolve_storage_path(cfg.ray.storage_path)
+    address = ray_address(cfg)
+    if address is None and not ray.is_initialized():
+        check_local_resources(cfg)  # one trial must fit
+    probe_tracking_uri(uri)
+    parent_params = {"sweep.space": json.dumps(spec.space), "sweep.metric": spec.metric, "sweep.mode": spec.mode,
+                     "sweep.scheduler": spec.scheduler, "sweep.search": spec.search, "sweep.num_samples": num_samples,
+                     **flatten(to_dict(cfg))}
+    started = False
+    try:
+        with run_lock(storage, name):
+            started = init_ray(address)
+            wait_for_cluster_resources(cfg)
+            with tracked_run(uri, experiment, name, parent_params, to_yaml(cfg), {"alignprop.sweep": name, "alignprop.role": "sweep"}) as parent_id:
+                print(f"[tune] sweep {name}  mlflow {uri} parent run {parent_id}", file=sys.stderr)
+                summary = _fit(cfg, spec, num_samples, max_concurrent, name, register_as, trial_retries, uri, experiment, storage, parent_id)
+    finally:
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Optional[int], name: str,
+         register_as: Optional[str], trial_retries: int, uri: str, experiment: str, storage: str, parent_id: str) -> dict[str, Any]:
+    """Build (or restore) the Tuner, run it, summarise into the parent run."""
     from ray import tune
 
     from alignprop.platform.sweep_summary import summarize
 
-    name = sweep_name or f"{cfg.name}-{spec.name}"
-    uri, experiment = resolved_tracking_uri(cfg), cfg.tracking.experiment or cfg.name
-    storage = resolve_storage_path(cfg.ray.storage_path)
-    parent_params = {"sweep.space": json.dumps(spec.space), "sweep.metric": spec.metric, "sweep.mode": spec.mode,
-                     "sweep.scheduler": spec.scheduler, "sweep.search": spec.search, "sweep.num_samples": num_samples,
-                     **flatten(to_dict(cfg))}
-    parent_id = open_run(uri, experiment, name, parent_params, to_yaml(cfg), {"alignprop.sweep": name, "alignprop.role": "sweep"})
-    print(f"[tune] sweep {name}  mlflow {uri} parent run {parent_id}", file=sys.stderr)
-    init_ray(cfg.ray.address)
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,
              "trials_path": f"{storage}/{name}/trials"}  # local path or s3://, gs:// alike
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep), {"CPU": TRIAL_CPU})
     path = f"{storage}/{name}"
-    with run_status(uri, parent_id):  # a failed fit or summary marks the parent FAILED
-        if tune.Tuner.can_restore(path):
-            print(f"[tune] resuming sweep from {path}", file=sys.stderr)
-            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={key: tune_domain(domain) for key, domain in spec.space.items()},
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec, cfg.trainer.max_steps),
-                    search_alg=_search(spec), num_samples=num_samples, max_concurrent_trials=concurrency,
-                    trial_name_creator=lambda trial: f"{name}-{trial.trial_id}",
-                    trial_dirname_creator=lambda trial: trial.trial_id,
-                ),
-                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=trial_retries),
-                                          callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
-            )
-        summary = summarize(tuner.fit(), spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)
-    return summary
+    if tune.Tuner.can_restore(path):
+        print(f"[tune] resuming sweep from {path}", file=sys.stderr)
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: tune_domain(domain) for key, domain in spec.space.items()},
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec, cfg.trainer.max_steps),
+                search_alg=_search(spec), num_samples=num_samples, max_concurrent_trials=concurrency,
+                trial_name_creator=lambda trial: f"{name}-{trial.trial_id}",
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=trial_retries),
+                                      callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
+        )
+    return summarize(tuner.fit(), spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)

@@ -166,6 +166,30 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool) -
             raise ConfigError(f"{where}.normalize: got {spec['normalize']!r}; accepted: true, false")
 
 
+def check_reward_files(specs: Sequence[dict[str, Any]], field: str) -> None:
+    """The weights each reward names exist here (on the driver: the head node of a cluster)."""
+    for i, spec in enumerate(specs):
+        for key in _WEIGHT_OPTIONS:
+            _check_weights_location(spec.get(key), f"{field}[{i}].{key}", required_file=key in _REQUIRED_FILES)
+
+
+def _check_weights_location(value: Any, where: str, required_file: bool) -> None:
+    """A local weights path must exist (checked on the driver, not found missing inside a worker)."""
+    from pathlib import Path
+
+    from alignprop.platform.config import ConfigError
+
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: got {value!r}; accepted: a local path or a hub id <org>/<name>")
+    path = Path(value).expanduser()
+    looks_local = required_file or path.is_absolute() or value.startswith((".", "~")) or value.count("/") != 1
+    if looks_local and not path.exists():
+        accepted = "an existing local file" if required_file else "an existing local path or a hub id <org>/<name>"
+        raise ConfigError(f"{where}: no such file or directory {value!r}; accepted: {accepted}")
+
+
 def build_reward(spec: dict[str, Any]) -> Reward:
     options = {k: v for k, v in spec.items() if k not in _COMBINATION_KEYS}
     return _registry()[spec["name"]](**options).freeze()

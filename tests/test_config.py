@@ -13,7 +13,7 @@ from conftest import REPO, subprocess_env
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_loads_and_validates(preset):
-    cfg = load_config(preset)
+    cfg = load_config(preset, paths=False)  # sd15 presets name reward weights that live on a GPU cluster
     assert cfg.name == preset
     assert (REPO / "platform" / "configs" / f"{preset}.yaml").read_text().startswith("#"), "preset header shows its command"
 
@@ -54,6 +54,38 @@ BAD = [
     (["lora.rank=0"], "lora.rank"),
     (["trainer.eval_prompts=[]"], "trainer.eval_prompts"),
     (["trainer.prompt_file=nope.txt"], "trainer.prompt_file"),
+    # non-finite numbers pass `> 0` checks and train to garbage
+    (["optim.lr=inf"], "optim.lr"),
+    (["optim.lr=nan"], "optim.lr"),
+    (["sampling.guidance_scale=inf"], "sampling.guidance_scale"),
+    (["lora.alpha=inf"], "lora.alpha"),
+    (["optim.eps=nan"], "optim.eps"),
+    (["optim.eps=0"], "optim.eps"),
+    (["rewards=[{name: brightness, weight: .inf}]"], "rewards.brightness.weight"),
+    (["rewards=[{name: brightness, weight: .nan}]"], "rewards.brightness.weight"),
+    (["truncation.strategy=gaussian", "truncation.low=1", "truncation.high=10", "truncation.mean=inf"], "truncation.mean"),
+    (["truncation.strategy=gaussian", "truncation.low=1", "truncation.high=10", "truncation.std=nan"], "truncation.std"),
+    # run names are directory names and MLflow filter values
+    (["tracking.run_name=../../escape"], "tracking.run_name"),
+    (["tracking.run_name=a'b"], "tracking.run_name"),
+    (["tracking.run_name=a/b"], "tracking.run_name"),
+    (["name=../x"], "name"),
+    (["tracking.uri=foo://x"], "tracking.uri"),
+    # OmegaConf jargon, tracebacks, silent nulls
+    (["optim=3"], "optim"),
+    (["rewards=garbage"], "rewards"),
+    (["rewards={name: brightness}"], "rewards"),
+    (["lora.target_modules=x"], "lora.target_modules"),
+    (["optim.lr"], "override 'optim.lr'"),
+    (["name=???"], "name"),
+    (["optim.lr=${nope}"], "optim.lr"),
+    (["ray.resources_per_worker={GPU: 1}"], "ray.resources_per_worker"),
+    (["lora.target_modules=[to_q, nothing_here]"], "lora.target_modules"),
+    (["model.tiny=false", "model.pretrained=/no/such/dir"], "model.pretrained"),
+    (["model.tiny=false", "model.pretrained=./relative-missing"], "model.pretrained"),
+    (["rewards=[{name: aesthetic, mlp_path: /no/such/aesthetic.pth}]"], "rewards[0].mlp_path"),
+    (["eval_rewards=[{name: hpsv2, checkpoint: missing.pt}]"], "eval_rewards[0].checkpoint"),
+    (["ray.storage_path=/etc/hostname/below-a-file"], "ray.storage_path"),
 ]
 
 
@@ -65,6 +97,59 @@ def test_bad_input_is_one_line_naming_the_field(overrides, field):
     assert "\n" not in message
     assert message.startswith(f"{field}:"), message
     assert "accepted" in message or "set exactly one" in message, message
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("content, problem", [(b"", "has no prompts"), (b"# only\n#comments\n\n", "has no prompts"),
+                                              (b"\x00\xff\xfebinary", "is not UTF-8 text"), (b"a cat\x00", "is not UTF-8 text")])
+def test_bad_prompt_files_are_one_line(tmp_path, content, problem):
+    with pytest.raises(ConfigError, match=f"^trainer.prompt_file: .*{problem}; accepted: ") as err:
+        load_config("tiny-cpu", [f"trainer.prompt_file={_write(tmp_path / 'p.txt', content)}"])
+    assert "\n" not in str(err.value)
+
+
+def test_a_prompt_file_relative_to_the_cwd_is_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny-cpu", ["trainer.prompt_file=p.txt"])
+    assert cfg.trainer.prompt_file == str(tmp_path / "p.txt")
+    assert load_config("tiny-cpu").trainer.prompt_file == "simple_animals.txt", "shipped names stay names (stable run hash)"
+
+
+def test_a_directory_that_is_not_a_pipeline_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="^model.pretrained: .* is not a diffusers pipeline directory"):
+        load_config("tiny-cpu", ["model.tiny=false", f"model.pretrained={tmp_path}"])
+
+
+def test_target_modules_are_checked_against_a_saved_pipeline(tmp_path):
+    from alignprop.platform.models import save_tiny_pipeline
+
+    save_tiny_pipeline(tmp_path / "pipe")
+    base = ["model.tiny=false", f"model.pretrained={tmp_path / 'pipe'}"]
+    assert load_config("tiny-cpu", base).model.pretrained == str(tmp_path / "pipe")
+    with pytest.raises(ConfigError, match="^lora.target_modules: 'to_x' matches no module of the UNet; accepted: .*to_q"):
+        load_config("tiny-cpu", [*base, "lora.target_modules=[to_q, to_x]"])
+
+
+@pytest.mark.parametrize("text, problem", [("optim: {lr: [\n", "not a readable YAML file"), ("- a\n- b\n", "expected a mapping")])
+def test_malformed_or_list_yaml_presets_are_one_line(tmp_path, text, problem):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=f"^--config .*bad.yaml: {problem}") as err:
+        load_config(str(tmp_path / "bad.yaml"))
+    assert "\n" not in str(err.value)
+
+
+def test_config_names_cannot_escape_the_preset_folder():
+    with pytest.raises(ConfigError, match="^--config: no such file '../../x'"):
+        load_config("../../x")
+    with pytest.raises(ConfigError, match="^--config: (unknown preset|no such file)"):
+        load_config("..")
+    with pytest.raises(ConfigError, match="^--config: unknown preset 'tiny-cpu.'"):
+        load_config("tiny-cpu.")
 
 
 def test_unknown_preset_lists_the_presets():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -10,7 +11,8 @@ from safetensors.torch import load_file
 
 from alignprop.platform.config import load_config
 from alignprop.platform.models import LORA_WEIGHTS_NAME
-from alignprop.trainers.alignprop import STATE_FILE, AlignPropRecipe, WorkerContext
+from alignprop.trainers.alignprop import (ENGINE_STATE_FILE, OPTIMIZER_FILE, STATE_FILE, AlignPropRecipe,
+                                         WorkerContext)
 
 
 def recipe(overrides, **ctx):
@@ -38,31 +40,41 @@ def test_metrics_report_every_component_and_k(deepspeed_world):
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resumed_run_matches_the_uninterrupted_one(deepspeed_world, tmp_path, stage):
-    saved = {}
+    """Bitwise: the resumed run's LoRA and AdamW state at step 4 equal the uninterrupted run's, so
+    weights, Adam moments and step, engine counters, reward stats and RNG all round-trip."""
 
-    def keep(metrics, directory):
-        if directory:
-            shutil.copytree(directory, tmp_path / f"step{metrics['step']}")
-            saved[metrics["step"]] = tmp_path / f"step{metrics['step']}"
+    def keeper(prefix, saved):
+        def keep(metrics, directory):
+            if directory:
+                saved[metrics["step"]] = shutil.copytree(directory, tmp_path / f"{prefix}{metrics['step']}")
+        return keep
 
+    saved, again = {}, {}
     overrides = [f"deepspeed.zero_stage={stage}", "trainer.max_steps=4", "trainer.ckpt_every=2", "sampling.num_steps=4", "truncation.k=3"]
-    recipe(overrides, report=keep).train()
+    recipe(overrides, report=keeper("step", saved)).train()
     assert sorted(saved) == [2, 4]
-    assert {LORA_WEIGHTS_NAME, STATE_FILE, "engine", "rng_rank0.pt"} <= {p.name for p in saved[2].iterdir()}
+    assert {p.name for p in saved[2].iterdir()} == {
+        LORA_WEIGHTS_NAME, STATE_FILE, ENGINE_STATE_FILE, OPTIMIZER_FILE, "rng_rank0.safetensors"}
+    engine_state = json.loads((saved[2] / ENGINE_STATE_FILE).read_text())
+    assert (engine_state["adam_step"], engine_state["global_steps"], engine_state["zero_stage"]) == (2, 2, stage)
 
     resumed_reports = []
-    resumed = recipe(overrides, resume_dir=str(saved[2]), report=lambda m, d: resumed_reports.append(m["step"]))
-    assert resumed.step == 2
+
+    def report(metrics, directory):
+        resumed_reports.append(metrics["step"])
+        keeper("resumed", again)(metrics, directory)
+
+    resumed = recipe(overrides, resume_dir=str(saved[2]), report=report)
+    assert resumed.step == 2 and resumed.engine.global_steps == 2
     resumed.train()
     assert resumed_reports == [3, 4], "continues from the checkpoint's step"
-    with_resume = tmp_path / "resumed"
-    from alignprop.platform.models import save_lora
-
-    save_lora(resumed.pipe.unet, with_resume)
-    expected, got = load_file(saved[4] / LORA_WEIGHTS_NAME), load_file(with_resume / LORA_WEIGHTS_NAME)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name in (LORA_WEIGHTS_NAME, OPTIMIZER_FILE):
+        expected, got = load_file(saved[4] / name), load_file(again[4] / name)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (name, key, (got[key] - expected[key]).abs().max())
+    assert json.loads((again[4] / ENGINE_STATE_FILE).read_text()) == json.loads((saved[4] / ENGINE_STATE_FILE).read_text())
+    got = load_file(again[4] / LORA_WEIGHTS_NAME)
     assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k or "lora.up" in k), "the adapter trained"
 
 

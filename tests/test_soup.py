@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from alignprop.platform.config import LoraSection
+from alignprop.platform.config import ConfigError, LoraSection
 from alignprop.platform.models import add_lora, build_tiny_pipeline, save_lora
 from alignprop.platform.soup import read_lora, soup
 from conftest import subprocess_env
@@ -68,3 +68,79 @@ def test_params_mode_refuses_different_ranks(tmp_path):
     b = trained_adapter(tmp_path, "b", 1, rank=4, alpha=2)
     with pytest.raises(ValueError, match="--mode params"):
         soup([str(a), str(b)], [0.5, 0.5], str(tmp_path / "x"), mode="params")
+
+
+def fake_adapter(directory, rank=2):
+    """A minimal LoRA file (no pipeline needed) for argument and file-format checks."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"unet.a.lora.down.weight": torch.ones(rank, 4), "unet.a.lora.up.weight": torch.ones(4, rank)},
+              str(directory / "pytorch_lora_weights.safetensors"))
+    return directory
+
+
+class _WritesOnUnpickle:
+    """Unpickling this creates the marker file: proof that nothing was unpickled if it is absent."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def pickled_lora(path, marker):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"a.lora.down.weight": _WritesOnUnpickle(marker)}))
+    return path
+
+
+def assert_one_line(err, field):
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{field}: ") and "accepted:" in message, message
+
+
+@pytest.mark.parametrize("weights", [[float("nan"), 0.5], [0.5, float("inf")], [float("-inf"), float("nan")]], ids=["nan", "inf", "both"])
+def test_non_finite_weights_are_refused_before_reading_or_writing(tmp_path, weights):
+    a, b = fake_adapter(tmp_path / "a"), fake_adapter(tmp_path / "b")
+    with pytest.raises(ConfigError) as err:
+        soup([str(a), str(b)], weights, str(tmp_path / "mix"))
+    assert_one_line(err, "--weights")
+    assert str(err.value).startswith("--weights: got ") and "accepted: finite numbers" in str(err.value)
+    assert not (tmp_path / "mix").exists()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "is not in safetensors format"),
+    ("pickle-bin", "is not a .safetensors file"),
+    ("pickle-named-safetensors", "is not in safetensors format"),
+    ("dir-with-only-bin", "no pytorch_lora_weights.safetensors in"),
+    ("no-lora-keys", "holds no LoRA weights"),
+])
+def test_files_that_are_not_safetensors_adapters_are_refused_unopened(tmp_path, kind, message):
+    marker = tmp_path / "unpickled"
+    if kind == "text":
+        lora = tmp_path / "notes.safetensors"
+        lora.write_text("not weights\n")
+    elif kind == "pickle-bin":
+        lora = pickled_lora(tmp_path / "lora.bin", marker)
+    elif kind == "pickle-named-safetensors":
+        lora = pickled_lora(tmp_path / "lora.safetensors", marker)
+    elif kind == "dir-with-only-bin":
+        lora = tmp_path / "old"
+        lora.mkdir()
+        pickled_lora(lora / "pytorch_lora_weights.bin", marker)
+    else:
+        from safetensors.torch import save_file
+
+        lora = tmp_path / "other.safetensors"
+        save_file({"conv.weight": torch.ones(2, 2)}, str(lora))
+    ok = fake_adapter(tmp_path / "ok")
+    with pytest.raises((ConfigError, FileNotFoundError)) as err:
+        soup([str(ok), str(lora)], [0.5, 0.5], str(tmp_path / "mix"))
+    assert_one_line(err, "--lora")
+    assert message in str(err.value) and "pytorch_lora_weights.safetensors" in str(err.value), str(err.value)
+    assert not marker.exists(), "a pickle was unpickled"
+    assert not (tmp_path / "mix").exists()
