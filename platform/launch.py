@@ -220,7 +220,7 @@ def check_resume_safety(storage: str, name: str) -> None:
     """Refuse, before anything starts, checkpoints holding files we would not load (pickles)."""
     if "://" in storage:
         return  # remote storage: the worker checks the checkpoint it is given
-    from alignprop.trainers.alignprop import check_checkpoint_files
+    from alignprop.trainers.checkpoint import check_checkpoint_files
 
     for directory in sorted((Path(storage) / name).glob("checkpoint_*")):
         if directory.is_dir():

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from alignprop.platform.config import load_config
-from alignprop.trainers.alignprop import (ENGINE_STATE_FILE, OPTIMIZER_FILE, AlignPropRecipe, UnsafeCheckpointError,
-                                          WorkerContext, check_checkpoint_files)
+from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
+from alignprop.trainers.checkpoint import (ENGINE_STATE_FILE, OPTIMIZER_FILE, UnsafeCheckpointError, base_optimizer,
+                                           check_checkpoint_files)
 
 FAST = ["trainer.eval_every=0", "sampling.num_steps=3", "truncation.k=2"]
 
@@ -103,8 +104,16 @@ def test_any_file_but_safetensors_and_json_is_refused(tmp_path, planted):
 
 
 def test_check_checkpoint_files_imports_without_deepspeed(tmp_path):
-    code = ("import sys; from alignprop.trainers.alignprop import check_checkpoint_files; "
-            f"check_checkpoint_files({str(tmp_path)!r}); assert 'deepspeed' not in sys.modules")
+    """The driver checks checkpoints before starting Ray: the checkpoint module stays cheap to import,
+    and the recipe module re-exports the check (and its error) without importing DeepSpeed either."""
+    code = ("import sys; from alignprop.trainers.checkpoint import check_checkpoint_files; "
+            f"check_checkpoint_files({str(tmp_path)!r}); "
+            "heavy = [m for m in ('deepspeed', 'diffusers', 'alignprop.rewards') if m in sys.modules]; "
+            "assert not heavy, heavy; "
+            "from alignprop.trainers import alignprop, checkpoint; "
+            "assert alignprop.check_checkpoint_files is checkpoint.check_checkpoint_files; "
+            "assert alignprop.UnsafeCheckpointError is checkpoint.UnsafeCheckpointError; "
+            "assert 'deepspeed' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -134,7 +143,7 @@ def test_a_zero2_checkpoint_loads_at_another_stage_with_the_same_state(stage2_ch
         assert torch.equal(state[f"{name}.weight"], saved[f"{name}.weight_fp32"]), name
         for key in ("weight_fp32", "exp_avg", "exp_avg_sq"):
             assert torch.equal(state[f"{name}.{key}"], saved[f"{name}.{key}"]), (name, key)
-    base = r._base_optimizer()
+    base = base_optimizer(r.engine)
     assert stage == 0 and base is r.optimizer or stage == 1 and base is r.optimizer.optimizer
     assert {int(base.state[q]["step"]) for g in base.param_groups for q in g["params"]} == {2}
 
@@ -160,4 +169,5 @@ def test_a_checkpoint_saved_before_the_first_step_has_no_adam_state_and_resumes(
     for (name, p), (_, q) in zip(r._lora_parameters(), resumed._lora_parameters()):
         assert torch.equal(p, q), name
     resumed.train_step(0)
-    assert int(resumed._base_optimizer().state[resumed._base_optimizer().param_groups[0]["params"][0]]["step"]) == 1
+    base = base_optimizer(resumed.engine)
+    assert int(base.state[base.param_groups[0]["params"][0]]["step"]) == 1

@@ -3,8 +3,12 @@ option and what it accepts, raised before Ray, a model, or any file in the worki
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +20,23 @@ MISSING_RUN = "runs:/0123456789abcdef0123456789abcdef/lora/final"
 
 
 def run_cli(args, cwd):
+    """`alignprop ARGS` in this process (the same `main` as the console script, without a new
+    interpreter per case); `test_bench_cli_refuses_zero_steps` runs the real command."""
+    from alignprop.platform.cli import main
+
+    stderr, here = io.StringIO(), os.getcwd()
+    saved = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS") if k in os.environ}
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            code = main(list(args))
+    finally:
+        os.chdir(here)
+        os.environ.update(saved)
+    return SimpleNamespace(returncode=code, stderr=stderr.getvalue())
+
+
+def run_real_cli(args, cwd):
     return subprocess.run([sys.executable, "-m", "alignprop.platform.cli", *args], cwd=cwd, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
@@ -100,7 +121,7 @@ def test_sample_resolves_models_uri_through_the_tracking_uri_as_registry(tmp_pat
 
 
 def test_bench_cli_refuses_zero_steps(tmp_path):
-    proc = run_cli(["bench", "--config", "tiny-cpu", "--steps", "0"], tmp_path)
+    proc = run_real_cli(["bench", "--config", "tiny-cpu", "--steps", "0"], tmp_path)
     assert assert_one_error_line(proc, "--steps: ") == "--steps: got 0; accepted: an integer >= 1"
     assert list(tmp_path.iterdir()) == []
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from alignprop.platform.config import load_config
 from alignprop.platform.models import LORA_WEIGHTS_NAME
-from alignprop.trainers.alignprop import (ENGINE_STATE_FILE, OPTIMIZER_FILE, STATE_FILE, AlignPropRecipe,
-                                         WorkerContext)
+from alignprop.trainers.alignprop import STATE_FILE, AlignPropRecipe, WorkerContext
+from alignprop.trainers.checkpoint import ENGINE_STATE_FILE, OPTIMIZER_FILE
 
 
 def recipe(overrides, **ctx):

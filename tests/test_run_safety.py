@@ -200,3 +200,31 @@ def test_run_lifecycle_lock_loopback_ctrl_c_and_lossless_resume(tmp_path):
     assert sorted(steps) == list(range(1, logged + 3)), steps
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_mlflow_heartbeat_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
+    """The storage lock covers one machine; the MLflow heartbeat covers drivers anywhere that share
+    a tracking server (and remote storage, where there is no lock file)."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    from alignprop.platform.errors import RunBusyError
+    from alignprop.platform.tracking import HEARTBEAT_TAG, OWNER_TAG, open_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = open_run(uri, "beat", "same-name", {}, "name: beat\n")
+    with pytest.raises(RunBusyError, match=r"^run 'same-name' is already running \(MLflow run .*or choose another tracking.run_name"):
+        open_run(uri, "beat", "same-name", {}, "name: beat\n")  # RUNNING, fresh heartbeat, live owner (us)
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    client.set_tag(run_id, OWNER_TAG, f"{socket.gethostname()}:{gone.pid}")
+    assert open_run(uri, "beat", "same-name", {}, "name: beat\n") == run_id, "a crashed driver on this host: taken over"
+
+    client.set_tag(run_id, OWNER_TAG, "another-host:1")
+    client.set_tag(run_id, HEARTBEAT_TAG, str(time.time() - 3600))
+    assert open_run(uri, "beat", "same-name", {}, "name: beat\n") == run_id, "a heartbeat older than the lease: taken over"
+    client.set_terminated(run_id, status="FINISHED")
+    assert open_run(uri, "beat", "same-name", {}, "name: beat\n") == run_id, "a finished run resumes"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import tempfile
@@ -27,45 +26,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from alignprop.platform.config import RunConfig, prompt_path
-from alignprop.platform.errors import UnsafeCheckpointError  # one class: the CLI prints it as one line
 from alignprop.platform.models import add_lora, load_pipeline, save_lora
 from alignprop.platform.tracking import Tracker
 from alignprop.rewards import build_rewards
+from alignprop.trainers.checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
+from alignprop.trainers.checkpoint import load_engine_state, save_engine_state
 from alignprop.trainers.sampling import draw_k, encode_prompts, sample
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "lora_ema.safetensors"
-ENGINE_STATE_FILE = "engine_state.json"  # Adam step, DeepSpeed's counters, the saving world size/stage
-OPTIMIZER_FILE = "optimizer.safetensors"  # full (unpartitioned) fp32 LoRA master weights + AdamW moments
-RNG_FILE = "rng_rank{rank}.safetensors"
-CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION = "alignprop", 1
-ACCEPTED_SUFFIXES = (".safetensors", ".json")
-# What DeepSpeed's engine.save_checkpoint (alignprop before the safetensors format) left in a checkpoint.
-_OLD_FORMAT_NAMES = ("latest", "zero_to_fp32.py", "zero_to_torch.py")
-
-
-def check_checkpoint_files(directory) -> None:
-    """Refuse a checkpoint directory holding any file (at any depth) that is not .safetensors or
-    .json: we load nothing else, and a pickle (.pt, .pkl, .bin, ...) can run code when unpickled.
-    Needs no engine, model or GPU: the driver checks checkpoints with it before starting Ray."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {root}")
-    offending = sorted(
-        (Path(parent) / name).relative_to(root).as_posix()
-        for parent, _, names in os.walk(root) for name in names if not name.endswith(ACCEPTED_SUFFIXES)
-    )
-    if not offending:
-        return
-    shown = ", ".join(offending[:6]) + (f" and {len(offending) - 6} more" if len(offending) > 6 else "")
-    old = any(f.startswith("engine/") or f.endswith(".pt") or f in _OLD_FORMAT_NAMES for f in offending)
-    why, fix = (
-        ("was written by an older alignprop with pickle files (DeepSpeed engine/*.pt, rng_rank*.pt), and "
-         "alignprop does not load pickles (they can run code when loaded)", "restart the run under a new tracking.run_name")
-        if old else
-        ("holds files alignprop does not load (a pickle can run code when loaded)",
-         "remove them, or restart the run under a new tracking.run_name"))
-    raise UnsafeCheckpointError(f"checkpoint {root} {why}: {shown}; accepted are only .safetensors and .json files: {fix}")
 
 
 @dataclass
@@ -271,28 +240,16 @@ class AlignPropRecipe:
                 p.data.copy_(raw[name])
 
     # ------------------------------------------------------------------ save/load checkpoint
-    # Our own format, safetensors + JSON only (nothing is unpickled on resume), and independent of
-    # the world size and ZeRO stage it was saved with: the FULL fp32 master weight and AdamW moments
-    # of every LoRA parameter (gathered across the ZeRO partitions), one Adam step, the counters.
+    # safetensors + JSON only, loadable at any world size and ZeRO stage: the engine's part
+    # (master weights, AdamW state, counters, RNG) is trainers/checkpoint.py, the rest is here.
     def save_checkpoint(self, directory: str) -> None:
         """Every rank, at the same step (the ZeRO gathers are collective); rank 0 writes the shared
         files, every rank its own RNG state."""
-        path = Path(directory)
+        path, ctx = Path(directory), self.ctx
         path.mkdir(parents=True, exist_ok=True)
-        tensors, adam_step = self._gather_optimizer_state()
-        save_file(_rng_state(self.ctx.device), str(path / RNG_FILE.format(rank=self.ctx.rank)))
-        if self.ctx.rank != 0:
+        save_engine_state(self.engine, self._lora_parameters(), path, ctx.rank, ctx.world_size, ctx.device)
+        if ctx.rank != 0:
             return
-        save_file(tensors, str(path / OPTIMIZER_FILE), metadata={"format": CHECKPOINT_FORMAT})
-        engine = self.engine
-        engine_state = {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-            "adam_step": adam_step, "global_steps": int(engine.global_steps),
-            "global_samples": int(engine.global_samples), "micro_steps": int(engine.micro_steps),
-            "skipped_steps": int(engine.skipped_steps), "world_size": self.ctx.world_size,
-            "zero_stage": int(engine.zero_optimization_stage()), "loss_scaler": _loss_scaler_state(engine.optimizer),
-        }
-        (path / ENGINE_STATE_FILE).write_text(json.dumps(engine_state))
         save_lora(self.pipe.unet, directory)
         state = {"step": self.step, "best_eval": self.best_eval, "config_name": self.cfg.name,
                  "early_stop": self.early_stop, "reward_stats": self.rewards.stats, "last_eval": self.last_eval}
@@ -301,23 +258,10 @@ class AlignPropRecipe:
             save_file({n: t.cpu().contiguous() for n, t in self.ema.items()}, str(path / EMA_FILE))
 
     def load_checkpoint(self, directory: str) -> None:
-        """Every rank: refuse anything but .safetensors/.json, then set this rank's share of the
-        master weights and AdamW state from the full tensors, the counters, and its own RNG state."""
-        check_checkpoint_files(directory)
+        """Every rank: refuse anything but .safetensors/.json, then restore this rank's share of the
+        engine state (`load_engine_state`), the trainer state and the EMA weights."""
         path = Path(directory)
-        if not (path / ENGINE_STATE_FILE).exists():
-            raise ValueError(f"checkpoint {path} has no {ENGINE_STATE_FILE}: not written by alignprop's save_checkpoint")
-        engine_state = json.loads((path / ENGINE_STATE_FILE).read_text())
-        if engine_state.get("format") != CHECKPOINT_FORMAT or int(engine_state.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
-            raise ValueError(f"checkpoint {path}: format {engine_state.get('format')!r} version "
-                             f"{engine_state.get('format_version')!r}; this alignprop reads {CHECKPOINT_FORMAT!r} "
-                             f"up to version {CHECKPOINT_FORMAT_VERSION}")
-        self._restore_optimizer_state(load_file(str(path / OPTIMIZER_FILE)), engine_state.get("adam_step"), path)
-        engine = self.engine
-        for counter in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
-            setattr(engine, counter, int(engine_state[counter]))
-        _restore_loss_scaler(engine.optimizer, engine_state.get("loss_scaler") or {})
-
+        load_engine_state(self.engine, self._lora_parameters(), path, self.ctx.rank, self.ctx.device)
         state = json.loads((path / STATE_FILE).read_text())
         self.step, self.best_eval = int(state["step"]), float(state["best_eval"])
         self.early_stop = state.get("early_stop", self.early_stop)
@@ -325,142 +269,6 @@ class AlignPropRecipe:
         self.rewards.stats.update(state.get("reward_stats", {}))
         if self.ema and (path / EMA_FILE).exists():
             self.ema = {n: t.to(self.ctx.device) for n, t in load_file(str(path / EMA_FILE)).items()}
-        rng = path / RNG_FILE.format(rank=self.ctx.rank)
-        if rng.exists():  # absent for ranks beyond the saving run's world size
-            _set_rng_state(load_file(str(rng)), self.ctx.device)
-
-    # The master weights and AdamW state live in one of three places, by DeepSpeed's optimizer:
-    # - ZeRO 1/2 (and BF16_Optimizer): a flat fp32 partition per param group and rank; the LoRA param
-    #   has `_hp_mapping` to its fragment, and the base torch AdamW's state is keyed by the partition
-    #   (`engine.optimizer.optimizer.state[flat]`). safe_get_full_* all-reduce (collective).
-    # - ZeRO 0 with bf16/fp16 (FP16_Optimizer, GPU only): one flat fp32 master per group, not
-    #   partitioned, state in `engine.optimizer.optimizer.state[flat]`; we slice it ourselves.
-    # - ZeRO 0 in fp32: `engine.optimizer` IS the client torch AdamW; its state is keyed by the param.
-    def _base_optimizer(self) -> torch.optim.Optimizer:
-        opt = self.engine.optimizer
-        inner = getattr(opt, "optimizer", None)
-        return inner if isinstance(inner, torch.optim.Optimizer) else opt
-
-    def _optim_keys(self) -> tuple[str, ...]:
-        amsgrad = any(g.get("amsgrad") for g in self._base_optimizer().param_groups)
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-
-    def _flat_masters(self) -> dict[int, tuple[torch.Tensor, int]]:
-        """FP16_Optimizer (ZeRO 0, bf16/fp16): id(param) -> (its group's flat fp32 master, offset)."""
-        opt = self.engine.optimizer
-        groups, flats = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups_flat", None)
-        if groups is None or flats is None:
-            return {}
-        out = {}
-        for params, flat in zip(groups, flats):
-            offset = 0
-            for p in params:
-                out[id(p)] = (flat, offset)
-                offset += p.numel()
-        return out
-
-    def _adam_state_exists(self) -> bool:
-        """AdamW creates its state on the first step; agreed across ranks (the gathers are collective)."""
-        base = self._base_optimizer()
-        exists = all(base.state.get(q) for group in base.param_groups for q in group["params"])
-        if self.ctx.world_size > 1 and dist.is_initialized():
-            flag = torch.tensor([int(exists)], device=self.ctx.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            exists = bool(flag.item())
-        return exists
-
-    def _local_master(self, p: torch.Tensor, key: Optional[str], flats: dict) -> torch.Tensor:
-        """The unpartitioned master weight (key None) or AdamW state tensor of `p`, as a view."""
-        base = self._base_optimizer()
-        if id(p) in flats:
-            flat, offset = flats[id(p)]
-            source = flat if key is None else base.state[flat][key]
-            return source.narrow(0, offset, p.numel()).view_as(p)
-        return p.data if key is None else base.state[p][key]
-
-    @torch.no_grad()
-    def _gather_optimizer_state(self) -> tuple[dict[str, torch.Tensor], Optional[int]]:
-        """Every rank, same order: {name.weight_fp32, name.exp_avg, name.exp_avg_sq} (full fp32
-        tensors, CPU on rank 0) and the Adam step (None before the first optimizer step)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        has_state, keys, flats = self._adam_state_exists(), self._optim_keys(), self._flat_masters()
-        tensors: dict[str, torch.Tensor] = {}
-        for name, p in self._lora_parameters():
-            full = {"weight_fp32": safe_get_full_fp32_param(p)}
-            for key in keys if has_state else ():
-                full[key] = safe_get_full_optimizer_state(p, key)
-            for key, value in full.items():
-                if value is None:  # not partitioned by ZeRO: the tensor is whole on every rank
-                    value = self._local_master(p, None if key == "weight_fp32" else key, flats)
-                if self.ctx.rank == 0:
-                    tensors[f"{name}.{key}"] = value.detach().float().cpu().contiguous().clone()
-        adam_step = None
-        if has_state:
-            base = self._base_optimizer()
-            step = base.state[base.param_groups[0]["params"][0]]["step"]
-            adam_step = int(step.item() if torch.is_tensor(step) else step)
-        return tensors, adam_step
-
-    @torch.no_grad()
-    def _ensure_adam_state(self) -> None:
-        """A fresh engine has no AdamW state until its first step: create it (zeros) as AdamW
-        would, and let ZeRO link its param fragments to it (DeepSpeed does that after a step)."""
-        base, created = self._base_optimizer(), False
-        for group in base.param_groups:
-            on_device = group.get("capturable") or group.get("fused")
-            for q in group["params"]:
-                if base.state.get(q):
-                    continue
-                base.state[q] = {"step": torch.zeros((), dtype=torch.float32, device=q.device if on_device else "cpu")}
-                for key in self._optim_keys():
-                    base.state[q][key] = torch.zeros_like(q, memory_format=torch.preserve_format)
-                created = True
-        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if created and link is not None:
-            link()
-
-    @torch.no_grad()
-    def _restore_optimizer_state(self, tensors: dict[str, torch.Tensor], adam_step: Optional[int], path: Path) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        params = self._lora_parameters()
-        keys = self._optim_keys() if adam_step is not None else ()
-        wanted = {f"{n}.{k}" for n, _ in params for k in ("weight_fp32", *keys)}
-        missing, extra = sorted(wanted - tensors.keys()), sorted(tensors.keys() - wanted)
-        if missing or extra:
-            raise ValueError(f"checkpoint {path / OPTIMIZER_FILE} does not match this run's LoRA parameters "
-                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}): was it saved with another lora config?")
-        if keys:
-            self._ensure_adam_state()
-        flats = self._flat_masters()
-        for name, p in params:
-            partitioned = hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")
-            for key in ("weight_fp32", *keys):
-                value = tensors[f"{name}.{key}"]
-                if value.shape != p.shape:
-                    raise ValueError(f"checkpoint {path / OPTIMIZER_FILE}: {name}.{key} has shape "
-                                     f"{tuple(value.shape)}, this run's parameter {tuple(p.shape)}")
-                state_key = None if key == "weight_fp32" else key
-                if partitioned:  # sets this rank's fragment only (none if it owns no part of p)
-                    if state_key is None:
-                        safe_set_full_fp32_param(p, value.to(p.device))
-                    else:
-                        safe_set_full_optimizer_state(p, value.to(p.device), state_key)
-                else:
-                    self._local_master(p, state_key, flats).copy_(value)
-                if state_key is None:
-                    p.data.copy_(value)  # the module's (low-precision) copy the forward pass uses
-        if keys:
-            base = self._base_optimizer()
-            for group in base.param_groups:
-                for q in group["params"]:
-                    step = base.state[q]["step"]
-                    if torch.is_tensor(step):
-                        step.fill_(adam_step)
-                    else:
-                        base.state[q]["step"] = adam_step
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict[str, float]:
@@ -517,38 +325,3 @@ def _gather_rows(rows: torch.Tensor, world_size: int, device: torch.device) -> t
     dist.all_gather(gathered, rows)
     return torch.cat(gathered).cpu()
 
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}  # uint8 tensors: safetensors, not pickle
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-_LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-
-
-def _dynamic_loss_scaler(optimizer):
-    scaler = getattr(optimizer, "loss_scaler", None)
-    return scaler if getattr(scaler, "dynamic", False) else None
-
-
-def _loss_scaler_state(optimizer) -> dict:
-    """fp16's dynamic loss scale (numbers only); empty for fp32/bf16 (a static scale of 1)."""
-    scaler = _dynamic_loss_scaler(optimizer)
-    values = {f: getattr(scaler, f, None) for f in _LOSS_SCALER_FIELDS}
-    return {f: v for f, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _restore_loss_scaler(optimizer, state: dict) -> None:
-    """Only into a dynamic scaler (fp16 → fp16): a static one keeps its configured scale."""
-    scaler = _dynamic_loss_scaler(optimizer)
-    for field_name, value in state.items() if scaler is not None else ():
-        if field_name in _LOSS_SCALER_FIELDS and hasattr(scaler, field_name):
-            setattr(scaler, field_name, value)
