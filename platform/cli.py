@@ -55,12 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="seconds/step and peak memory for K in {1, N/2, N}, with/without checkpointing")
     _config_args(bench)
     bench.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up)")
-    soup = sub.add_parser("soup", help="mix trained LoRA adapters into one (exact low-rank sum, or parameter interpolation)")
-    soup.add_argument("--lora", action="append", required=True, help="LoRA dir/file or runs:/ URI; repeat")
-    soup.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per --lora")
-    soup.add_argument("--mode", default="delta", choices=["delta", "params"])
-    soup.add_argument("--out", required=True)
-    soup.add_argument("--tracking-uri", help="MLflow URI used to resolve runs:/ LoRA URIs")
+    soup = sub.add_parser("soup", help="mix trained LoRA adapters into one (exact low-rank sum, or the paper's parameter "
+                                       "interpolation); --sweep: score the mix over a grid of α, logged to MLflow")
+    soup.add_argument("--lora", action="append", required=True,
+                      help="LoRA dir/file, runs:/ URI, or 'base' (the zero adapter: the base model); repeat")
+    soup.add_argument("--weights", type=float, nargs="+", help="one weight per --lora (not with --sweep)")
+    soup.add_argument("--mode", choices=["delta", "params"],
+                      help="params: the paper's interpolation of A and B (default with --sweep); delta: exact sum of updates (default otherwise)")
+    soup.add_argument("--out", required=True, help="the mixed adapter's directory; with --sweep: where the csv, plot and grids go")
+    soup.add_argument("--tracking-uri", help="MLflow URI used to resolve runs:/ LoRA URIs (and, with --sweep, to log the sweep run)")
+    soup.add_argument("--sweep", help="start:stop:step, e.g. 0:1:0.1: mix α·A + (1−α)·B for each α (both ends included) with two --lora")
+    soup.add_argument("--config", help=f"with --sweep: preset ({', '.join(list_presets())}) or YAML path")
+    soup.add_argument("overrides", nargs="*", help="with --sweep: key=value config overrides, e.g. sampling.num_steps=20")
+    soup.add_argument("--prompt", action="append", help="with --sweep: held-out prompt, repeatable (default: trainer.eval_prompts)")
+    soup.add_argument("--experiment", help="with --sweep: MLflow experiment (default: tracking.experiment or the config's name)")
+    soup.add_argument("--seed", type=int, help="with --sweep: sampling seed, the same for every α (default: trainer.eval_seed)")
     tiny = sub.add_parser("tiny-model", help="save the tiny offline SD-shaped pipeline as a diffusers directory")
     tiny.add_argument("dir")
     sub.add_parser("presets", help="list the shipped presets")
@@ -113,12 +122,45 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, _with_flags(args))
             for path in write_samples(cfg, args.prompt, args.out, args.lora, args.seed, args.tracking_uri):
                 print(path)
+        elif args.command == "soup" and args.sweep is not None:
+            from alignprop.platform.soup_sweep import check_sweep_args, format_table, run_soup_sweep
+
+            alphas = check_sweep_args(args.sweep, args.lora, args.weights, args.config, args.mode)
+            cfg = load_config(args.config, _with_flags(args))
+            prompts = list(args.prompt or cfg.trainer.eval_prompts)
+            if not prompts and getattr(cfg.trainer, "eval_prompt_file", None):
+                from alignprop.platform.config import read_prompt_file
+
+                prompts = list(read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file"))
+            if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                raise ConfigError("--prompt: no held-out prompts (none given, trainer.eval_prompts empty or blank); accepted: --prompt TEXT (repeatable) or a config with trainer.eval_prompts")
+            from alignprop.platform.sample import resolve_lora
+            from alignprop.platform.soup import is_base
+            from alignprop.platform.tracking import resolve_tracking_uri
+
+            uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+            loras = [x if is_base(x) else str(resolve_lora(x, uri)) for x in args.lora]
+            try:
+                result = run_soup_sweep(cfg, loras, args.lora, alphas, args.mode or "params", prompts,
+                                        cfg.trainer.eval_seed if args.seed is None else args.seed, uri,
+                                        args.experiment or cfg.tracking.experiment or cfg.name, args.out, args.sweep)
+            except ValueError as err:  # one-line errors (adapters that cannot be mixed, bad store)
+                raise ConfigError(str(err)) from None
+            print(format_table(result.rows, result.labels))
+            print(f"[alignprop] soup sweep: mlflow run {result.run_id} at {result.tracking_uri}; {result.csv_path}, {result.plot_path}")
         elif args.command == "soup":
             from alignprop.platform.sample import resolve_lora
-            from alignprop.platform.soup import soup
+            from alignprop.platform.soup import is_base, soup
 
+            if args.weights is None:
+                raise ConfigError("--weights: required without --sweep; accepted: one weight per --lora (e.g. 0.7 0.3), or --sweep start:stop:step")
+            unused = [flag for flag, value in (("--config", args.config), ("--prompt", args.prompt), ("--experiment", args.experiment),
+                                               ("--seed", args.seed), ("key=value overrides", args.overrides)) if value]
+            if unused:
+                raise ConfigError(f"{unused[0]}: only used with --sweep; accepted: --sweep start:stop:step, or leave it out")
             try:
-                print(soup([str(resolve_lora(x, args.tracking_uri)) for x in args.lora], args.weights, args.out, args.mode))
+                loras = [x if is_base(x) else str(resolve_lora(x, args.tracking_uri)) for x in args.lora]
+                print(soup(loras, args.weights, args.out, args.mode or "delta"))
             except ValueError as err:  # one-line argument errors (counts, shapes, modes)
                 raise ConfigError(str(err)) from None
         elif args.command == "bench":

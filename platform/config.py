@@ -48,7 +48,10 @@ class LoraSection:
     alpha: float = 4.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     dropout: float = 0.0
-    init: str = "zeros"  # zeros (lora_B = 0, the usual) or gaussian
+    # lora_B = 0 either way; lora_A ~ N(0, std 1/rank) as diffusers' LoRALinearLayer (the official
+    # AlignProp code) and TRL's init_lora_weights="gaussian", or peft's default kaiming-uniform,
+    # whose smaller A (std ≈ 0.02–0.03 on SD1.5) adapts ~10× slower at the same lr.
+    init: str = "gaussian"
 
 
 @dataclass
@@ -63,12 +66,18 @@ class SamplingSection:
 
 @dataclass
 class TruncationSection:
-    strategy: str = "fixed"  # fixed | uniform | gaussian
+    # fixed | uniform | gaussian: contiguous last-K window (default); per_step: for reproductions of
+    # the official code / TRL (a cut redrawn at every denoising step; see trainers/sampling.py)
+    strategy: str = "fixed"
     k: int = 1  # fixed
-    low: int = 1  # uniform bounds (inclusive); also clip bounds for gaussian
+    low: int = 1  # uniform bounds on K (inclusive); also the bounds on K for gaussian
     high: int = 50
-    mean: float = 10.0  # gaussian
+    mean: float = 10.0  # gaussian on K (rounded, clipped to [low, high]) ...
     std: float = 5.0
+    cut_mean: Optional[float] = None  # ... or, when set, gaussian on the cut index c, K = N − c
+    cut_std: float = 5.0  # (official v2: cut_mean=42 cut_std=5 low=1 high=49 for N=50)
+    cut_low: int = 0  # per_step: cut c_i ~ U{cut_low..cut_high} at every step i, detached if i < c_i
+    cut_high: Optional[int] = None  # None: sampling.num_steps (official v1 / TRL: randint(0, 50), N=50)
 
 
 @dataclass
@@ -79,6 +88,7 @@ class OptimSection:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
+    loss_scale: float = 1.0  # backward() on loss × loss_scale (official v1: 0.01 with max_grad_norm 5)
 
 
 @dataclass
@@ -89,6 +99,7 @@ class TrainerSection:
     prompts: list[str] = field(default_factory=list)
     prompt_file: Optional[str] = None  # a path, or the name of a file in platform/prompts/
     eval_prompts: list[str] = field(default_factory=list)
+    eval_prompt_file: Optional[str] = None  # like prompt_file; read on the driver into eval_prompts
     eval_seed: int = 1234
     eval_every: int = 10  # 0 disables evaluation
     ckpt_every: int = 10
@@ -170,20 +181,39 @@ def load_config(name_or_path: str, overrides: Sequence[str] = (), paths: bool = 
         raise ConfigError(f"--config {preset}: not a readable YAML file ({_first_line(err)}); accepted: a mapping of sections such as model, optim, trainer") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"--config {preset}: expected a mapping of sections; accepted: {', '.join(f.name for f in fields(RunConfig))}")
+    reward_edits = [item for item in overrides if _REWARD_OPTION.match(item)]
+    overrides = [item for item in overrides if item not in reward_edits]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig(name=preset.stem)), data, OmegaConf.from_dotlist(list(overrides)))
+        _apply_reward_edits(merged, reward_edits)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"{missing[0]}: '???' (a missing value); accepted: a value for {missing[0]}")
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as err:  # e.g. rewards={name: x}: a mapping where a list belongs
         raise ConfigError(_merge_type_message(err, overrides)) from None
     validate(cfg)
     if paths:
         check_paths(cfg)
     return cfg
+
+
+# rewards.<label>.<option>=value (and eval_rewards.…): one option of one listed reward, as in sweep spaces
+_REWARD_OPTION = re.compile(r"(eval_rewards|rewards)\.([^.=\[\]]+)\.(\w+)=(.*)", re.S)
+
+
+def _apply_reward_edits(merged: DictConfig, edits: Sequence[str]) -> None:
+    for item in edits:
+        section, label, option, value = _REWARD_OPTION.match(item).groups()
+        entries = [e for e in merged[section] if isinstance(e, DictConfig) and e.get("label", e.get("name")) == label]
+        if not entries:
+            labels = [str(e.get("label", e.get("name"))) for e in merged[section] if isinstance(e, DictConfig)]
+            raise ConfigError(f"{section}.{label}: no such reward in {section}; accepted: {', '.join(labels) or 'none listed'}")
+        entries[0][option] = yaml.safe_load(value) if value.strip() else None
 
 
 def _first_line(err: BaseException) -> str:
@@ -258,7 +288,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.lora.alpha > 0, "lora.alpha", f"got {cfg.lora.alpha}; accepted: > 0")
     _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", "empty; accepted: module names such as to_q, to_k, to_v, to_out.0")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"got {cfg.lora.dropout}; accepted: 0 <= dropout < 1")
-    _check(cfg.lora.init in ("zeros", "gaussian"), "lora.init", f"got {cfg.lora.init!r}; accepted: zeros, gaussian")
+    _check(cfg.lora.init in ("gaussian", "kaiming"), "lora.init", f"got {cfg.lora.init!r}; accepted: gaussian, kaiming")
     _check(s.num_steps >= 1, "sampling.num_steps", f"got {s.num_steps}; accepted: an integer >= 1")
     _check(s.guidance_scale >= 1, "sampling.guidance_scale", f"got {s.guidance_scale}; accepted: >= 1 (1 disables classifier-free guidance)")
     _check(0 <= s.eta <= 1, "sampling.eta", f"got {s.eta}; accepted: 0 <= eta <= 1")
@@ -270,6 +300,7 @@ def validate(cfg: RunConfig) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", f"got {o.weight_decay}; accepted: >= 0")
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", f"got {o.max_grad_norm}; accepted: >= 0 (0 disables clipping)")
     _check(o.grad_accum >= 1, "optim.grad_accum", f"got {o.grad_accum}; accepted: an integer >= 1")
+    _check(math.isfinite(o.loss_scale) and o.loss_scale > 0, "optim.loss_scale", f"got {o.loss_scale}; accepted: a finite number > 0")
     _check(tr.batch_size >= 1, "trainer.batch_size", f"got {tr.batch_size}; accepted: an integer >= 1")
     _check(tr.max_steps >= 1, "trainer.max_steps", f"got {tr.max_steps}; accepted: an integer >= 1")
     _check(tr.eval_every >= 0, "trainer.eval_every", f"got {tr.eval_every}; accepted: >= 0 (0 disables)")
@@ -283,7 +314,9 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(tr.prompts) != bool(tr.prompt_file), "trainer.prompts", "set exactly one of trainer.prompts (a list) or trainer.prompt_file")
     _check(all(isinstance(p, str) and p.strip() for p in [*tr.prompts, *tr.eval_prompts]), "trainer.prompts",
            "contains an empty prompt; accepted: non-empty strings")
-    _check(tr.eval_every == 0 or bool(tr.eval_prompts), "trainer.eval_prompts", "empty while trainer.eval_every > 0; accepted: a list of held-out prompts, or trainer.eval_every=0")
+    _check(not (tr.eval_prompts and tr.eval_prompt_file), "trainer.eval_prompts", "set at most one of trainer.eval_prompts (a list) or trainer.eval_prompt_file")
+    _check(tr.eval_every == 0 or bool(tr.eval_prompts or tr.eval_prompt_file), "trainer.eval_prompts",
+           "empty while trainer.eval_every > 0; accepted: a list of held-out prompts, trainer.eval_prompt_file, or trainer.eval_every=0")
     validate_reward_specs(cfg.rewards, "rewards", allow_empty=False)
     validate_reward_specs(cfg.eval_rewards, "eval_rewards", allow_empty=True)
     d = cfg.deepspeed
@@ -312,29 +345,45 @@ def _check_finite(cfg: RunConfig) -> None:
 
 
 def _validate_truncation(t: TruncationSection, n: int) -> None:
-    strategies = ("fixed", "uniform", "gaussian")
+    strategies = ("fixed", "uniform", "gaussian", "per_step")
     _check(t.strategy in strategies, "truncation.strategy", f"got {t.strategy!r}; accepted: {', '.join(strategies)}")
     if t.strategy == "fixed":
         _check(1 <= t.k <= n, "truncation.k", f"got {t.k}; accepted: 1 <= k <= sampling.num_steps ({n})")
-    else:
+    elif t.strategy in ("uniform", "gaussian"):
         _check(1 <= t.low <= t.high <= n, "truncation.low", f"got low={t.low}, high={t.high}; accepted: 1 <= low <= high <= sampling.num_steps ({n})")
-    if t.strategy == "gaussian":
-        _check(t.std > 0, "truncation.std", f"got {t.std}; accepted: > 0")
+    if t.strategy == "gaussian" and t.cut_mean is None:
+        _check(math.isfinite(t.mean) and 0 <= t.mean <= n, "truncation.mean", f"got {t.mean}; accepted: a finite number in [0, sampling.num_steps ({n})]")
+        _check(math.isfinite(t.std) and t.std > 0, "truncation.std", f"got {t.std}; accepted: a finite number > 0")
+    elif t.strategy == "gaussian":
+        _check(math.isfinite(t.cut_mean) and 0 <= t.cut_mean <= n, "truncation.cut_mean", f"got {t.cut_mean}; accepted: a finite number in [0, sampling.num_steps ({n})], or null to use truncation.mean")
+        _check(math.isfinite(t.cut_std) and t.cut_std > 0, "truncation.cut_std", f"got {t.cut_std}; accepted: a finite number > 0")
+    if t.strategy == "per_step":
+        high = n if t.cut_high is None else t.cut_high
+        _check(0 <= t.cut_low <= high <= n, "truncation.cut_low", f"got cut_low={t.cut_low}, cut_high={t.cut_high}; accepted: 0 <= cut_low <= cut_high <= sampling.num_steps ({n}) (cut_high null: {n})")
 
 
-def prompt_path(name: str) -> Path:
-    """A prompt file: an absolute path, a path relative to the cwd, or a file shipped in platform/prompts/."""
+def prompt_path(name: str, field_name: str = "trainer.prompt_file") -> Path:
+    """A prompt file: an absolute path, a path relative to the cwd, a file shipped in
+    platform/prompts/, or a public prompt set fetched once into the cache (platform/prompt_sets.py)."""
+    from alignprop.platform.prompt_sets import REMOTE_PROMPT_SETS, fetch_prompt_set
+
     path = Path(name).expanduser()
     if path.is_absolute():
         return path
-    return path.resolve() if path.exists() else PROMPT_DIR / name
+    if path.exists():
+        return path.resolve()
+    if not (PROMPT_DIR / name).is_file() and name in REMOTE_PROMPT_SETS:
+        return fetch_prompt_set(name, field_name)
+    return PROMPT_DIR / name
 
 
 def read_prompt_file(name: str, field_name: str = "trainer.prompt_file") -> list[str]:
     """Non-empty, non-comment lines of a UTF-8 text file; ConfigError (one line) otherwise."""
-    path = prompt_path(name)
-    shipped = ", ".join(sorted(p.name for p in PROMPT_DIR.glob("*.txt")))
-    _check(path.is_file(), field_name, f"no such file {name!r}; accepted: a path or one of {shipped}")
+    from alignprop.platform.prompt_sets import REMOTE_PROMPT_SETS
+
+    path = prompt_path(name, field_name)
+    known = ", ".join(sorted([p.name for p in PROMPT_DIR.glob("*.txt")] + list(REMOTE_PROMPT_SETS)))
+    _check(path.is_file(), field_name, f"no such file {name!r}; accepted: a path or one of {known}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -348,14 +397,16 @@ def read_prompt_file(name: str, field_name: str = "trainer.prompt_file") -> list
 
 def check_paths(cfg: RunConfig) -> None:
     """Checks of what the config names on this machine, done once on the driver before Ray starts:
-    prompt file, local model directory, LoRA target modules, storage path. A user's prompt file is
-    made absolute, since workers run in other directories."""
+    prompt files (public sets are fetched now), local model directory, LoRA target modules, reward
+    weights, storage path. A prompt file relative to the cwd is made absolute (workers run
+    elsewhere); shipped and public set names stay names (the run hash does not depend on paths)."""
     tr = cfg.trainer
-    if tr.prompt_file:
-        read_prompt_file(tr.prompt_file)
-        path = prompt_path(tr.prompt_file)
-        if path.parent != PROMPT_DIR:
-            tr.prompt_file = str(path)
+    for key in ("prompt_file", "eval_prompt_file"):
+        name = getattr(tr, key)
+        if name:
+            read_prompt_file(name, f"trainer.{key}")
+            if not Path(name).expanduser().is_absolute() and Path(name).expanduser().exists():
+                setattr(tr, key, str(Path(name).expanduser().resolve()))
     if cfg.model.pretrained:
         _check_pretrained(cfg.model.pretrained)
     from alignprop.rewards.base import check_reward_files

@@ -56,6 +56,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg, context = from_dict(config["run"]), ray.train.get_context()
     if config.get("prompts"):  # read on the driver: workers run elsewhere (other cwd, other nodes)
         cfg.trainer.prompts, cfg.trainer.prompt_file = list(config["prompts"]), None
+    if config.get("eval_prompts"):
+        cfg.trainer.eval_prompts, cfg.trainer.eval_prompt_file = list(config["eval_prompts"]), None
 
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -176,7 +178,9 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None},
+                           "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None,
+                           "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
+                                            if cfg.trainer.eval_prompt_file else None)},
         # On our loopback Ray the c10d rendezvous listens on 127.0.0.1 too (platform/loopback.py).
         torch_config=(LoopbackTorchConfig if on_loopback_node() else TorchConfig)(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

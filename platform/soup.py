@@ -2,11 +2,30 @@
 
     alignprop soup --lora runs/aesthetic --lora runs/hps --weights 0.7 0.3 --out soups/mix
     alignprop soup --lora a.safetensors --lora b.safetensors --weights 0.5 0.5 --mode params --out soups/avg
+    alignprop soup --lora runs/aesthetic --lora base --weights 0.5 0.5 --mode params --out soups/half
+    alignprop soup --sweep 0:1:0.1 --lora runs/aesthetic --lora runs/hps --config tiny-cpu \
+        --tracking-uri sqlite:////abs/mlflow.db --out soups/sweep      # see alignprop.platform.soup_sweep
+
+Two modes:
+
+`--mode params` is the AlignProp paper's reward mixing ("mixing" section): the parameters of two
+adapters trained on different rewards are interpolated, θ_mix = α θ_1 + (1 − α) θ_2, on the LoRA
+parameters themselves, i.e. A_mix = α A_1 + (1 − α) A_2 and B_mix = α B_1 + (1 − α) B_2, module by
+module (general form: sum_i w_i θ_i). It needs identical shapes (ranks, modules) and scales
+(lora_alpha) and keeps the rank. Because the update B A is bilinear in (A, B), the mixed update is
+NOT the weighted sum of the two updates: it is α² B_1A_1 + (1−α)² B_2A_2 + α(1−α)(B_1A_2 + B_2A_1).
 
 `--mode delta` (default) is exact: the mixed update is sum_i w_i · (alpha_i / r_i) · B_i A_i, built
-by stacking the adapters along the rank (rank = sum of ranks). `--mode params` interpolates the
-A and B matrices themselves (the AlignProp paper's weight interpolation; needs identical shapes
-and scales) and keeps the rank.
+by stacking the adapters along the rank (rank = sum of ranks; any ranks and scales).
+
+`base` as an adapter (`--lora base`) is the zero adapter, i.e. the base model itself, so that α
+moves between the base model and one trained adapter:
+  * params mode: every tensor of the other side, zeroed (A = 0 and B = 0, same keys, shapes and
+    lora_alpha). Interpolating with zeros scales BOTH matrices, A_mix = α A and B_mix = α B, so the
+    update is α² · B A, not α · B A; this is what parameter interpolation (the paper's code) does.
+  * delta mode: B = 0, so its update B A is exactly zero; it adds nothing to the stack and is left
+    out (the mix is w · (alpha / r) · B A of the trained side: linear in w, same rank).
+A directory literally named `base` is reached as `./base`.
 """
 
 from __future__ import annotations
@@ -26,6 +45,8 @@ from alignprop.platform.models import LORA_WEIGHTS_NAME
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps rank/alpha/targets
 LORA_ACCEPTED = (f"a directory holding {LORA_WEIGHTS_NAME}, or that file (safetensors format; "
                  "pickled .bin/.pt/.ckpt files are never loaded)")
+BASE = "base"  # `--lora base`: the zero adapter (the base model), see the module docstring
+MODES = ("delta", "params")
 
 
 def lora_weights_file(path: str | Path, source: Optional[str] = None) -> Path:
@@ -103,7 +124,8 @@ def mix_delta(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) -
 
 
 def mix_params(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weighted average of the A and B matrices themselves (same shapes and alpha/r required)."""
+    """The paper's mixing: sum_i w_i θ_i on the A and B matrices themselves (θ_mix = α θ_1 + (1 − α) θ_2
+    for two adapters); same shapes and alpha/r required."""
     first_state, first_meta = adapters[0]
     for state, meta in adapters[1:]:
         if state.keys() != first_state.keys() or any(state[k].shape != first_state[k].shape for k in state):
@@ -114,21 +136,50 @@ def mix_params(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) 
     return out, dict(first_meta)
 
 
-def check_soup_args(n_loras: int, weights: Sequence[float], mode: str = "delta") -> None:
-    """One-line ConfigError for bad counts, non-finite weights or an unknown mode (before any I/O)."""
+def check_soup_args(n_loras: int, weights: Sequence[float], mode: str = "delta", loras: Optional[Sequence[str]] = None) -> None:
+    """One-line ConfigError for bad counts, non-finite weights, an unknown mode or only `base`
+    adapters (before any I/O)."""
     if n_loras < 2 or n_loras != len(weights):
         raise ConfigError(f"--weights: got {len(weights)} weights for {n_loras} adapters; accepted: one weight per --lora, at least two adapters")
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
     if bad:
         raise ConfigError(f"--weights: got {', '.join(str(w) for w in bad)}; accepted: finite numbers, one per --lora (e.g. 0.7 0.3)")
-    if mode not in ("delta", "params"):
-        raise ConfigError(f"--mode: got {mode!r}; accepted: delta, params")
+    if mode not in MODES:
+        raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
+    if loras is not None and all(is_base(x) for x in loras):
+        raise ConfigError(f"--lora: every adapter is {BASE!r}; accepted: at least one trained adapter beside {BASE!r} (the zero adapter)")
 
 
-def soup(loras: Sequence[str], weights: Sequence[float], out_dir: str, mode: str = "delta") -> Path:
-    check_soup_args(len(loras), weights, mode)
-    adapters = [read_lora(path) for path in loras]
-    state, meta = (mix_delta if mode == "delta" else mix_params)(adapters, weights)
+def is_base(lora: str | Path | None) -> bool:
+    """`base` (exactly: a directory named base is ./base) is the zero adapter."""
+    return isinstance(lora, str) and lora == BASE
+
+
+def zero_adapter(like: tuple[dict[str, torch.Tensor], dict]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The base model as an adapter: every tensor of `like` zeroed (A = 0, B = 0), same metadata."""
+    state, meta = like
+    return {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}, dict(meta)
+
+
+def read_adapters(loras: Sequence[str | Path]) -> list[Optional[tuple[dict, dict]]]:
+    """Each adapter's (state, metadata); None for `base` (see `mix`)."""
+    return [None if is_base(x) else read_lora(x) for x in loras]
+
+
+def mix(adapters: Sequence[Optional[tuple[dict, dict]]], weights: Sequence[float], mode: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """sum_i w_i θ_i in `mode`; a None adapter is `base`: zeros shaped like the first trained one
+    in params mode, left out in delta mode (its update B A = 0 · A is exactly zero)."""
+    trained = [a for a in adapters if a is not None]
+    if not trained:
+        raise ConfigError(f"--lora: every adapter is {BASE!r}; accepted: at least one trained adapter beside {BASE!r} (the zero adapter)")
+    if mode == "delta":
+        kept = [(a, w) for a, w in zip(adapters, weights) if a is not None]
+        return mix_delta([a for a, _ in kept], [w for _, w in kept])
+    return mix_params([a if a is not None else zero_adapter(trained[0]) for a in adapters], weights)
+
+
+def write_lora(state: dict[str, torch.Tensor], meta: dict, out_dir: str | Path) -> Path:
+    """Save a mixed adapter as `<out_dir>/pytorch_lora_weights.safetensors` (rank/alpha in metadata)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}
@@ -136,3 +187,10 @@ def soup(loras: Sequence[str], weights: Sequence[float], out_dir: str, mode: str
         metadata[METADATA_KEY] = json.dumps({f"unet.{k}": v for k, v in meta.items()}, default=list)
     save_file(state, str(out / LORA_WEIGHTS_NAME), metadata=metadata)
     return out / LORA_WEIGHTS_NAME
+
+
+def soup(loras: Sequence[str], weights: Sequence[float], out_dir: str, mode: str = "delta") -> Path:
+    """Mix `loras` (paths, or `base`) with `weights` in `mode` and save the adapter under `out_dir`."""
+    check_soup_args(len(loras), weights, mode, loras)
+    state, meta = mix(read_adapters(loras), weights, mode)
+    return write_lora(state, meta, out_dir)

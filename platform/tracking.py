@@ -160,6 +160,7 @@ def tracked_run(uri: str, experiment: str, run_name: str, params: dict[str, Any]
     from mlflow import MlflowClient
 
     run_id = open_run(uri, experiment, run_name, params, config_yaml, tags)
+    client = MlflowClient(uri)  # made now: closing must not wait for a store to initialise
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(uri, run_id, stop), daemon=True, name="alignprop-heartbeat")
     beat.start()
@@ -172,8 +173,8 @@ def tracked_run(uri: str, experiment: str, run_name: str, params: dict[str, Any]
         raise
     finally:
         stop.set()
-        beat.join(timeout=10)
-        MlflowClient(uri).set_terminated(run_id, status=status)
+        beat.join(timeout=2)  # a beat in flight may finish later: it only refreshes a tag
+        client.set_terminated(run_id, status=status)
 
 
 def _heartbeat(uri: str, run_id: str, stop: threading.Event) -> None:

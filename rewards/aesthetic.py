@@ -6,6 +6,12 @@
 The MLP weights come from https://github.com/christophschuhmann/improved-aesthetic-predictor
 (`sac+logos+ava1-l14-linearMSE.pth`); `clip_model` is a hub id or a local directory holding a
 CLIPModel or CLIPVisionModelWithProjection checkpoint. Only the vision tower is loaded.
+
+`resize: reference` (default) feeds CLIP its own preprocessing (shorter side → 224, bicubic,
+antialiased, centre crop: `clip_preprocess`, as the LAION predictor's CLIP `preprocess` does);
+`resize: official` the official AlignProp training code's (`torchvision.transforms.Resize(224)`
+on tensors under its torchvision 0.15.2: bilinear, no antialias; + centre crop:
+`official_preprocess`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from alignprop.rewards.base import Reward, clip_preprocess, read_state_dict
+from alignprop.rewards.base import RESIZE_MODES, Reward, clip_preprocess, official_preprocess, read_state_dict
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 MLP_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
@@ -65,23 +71,32 @@ def load_clip_vision(clip_model: str, local_files_only: bool) -> nn.Module:
 
 
 class Aesthetic(Reward):
-    """LAION aesthetic score of each image; with `target`, −|target − score| (AlignProp's form)."""
+    """LAION aesthetic score of each image; with `target`, −|target − score| (AlignProp's form).
+
+    Frozen on construction (eval mode, no parameter requires grad). `resize`: see the module doc.
+    """
 
     name = "aesthetic"
     needs = f"CLIP ViT-L/14 (openai/clip-vit-large-patch14) + LAION MLP {MLP_FILE} ({MLP_URL})"
+    choices = {"resize": RESIZE_MODES}
 
     def __init__(self, clip_model: str = "openai/clip-vit-large-patch14", mlp_path: Optional[str] = None,
-                 target: Optional[float] = None, local_files_only: bool = False):
+                 target: Optional[float] = None, local_files_only: bool = False, resize: str = "reference"):
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"aesthetic: resize {resize!r} unknown; accepted: {', '.join(RESIZE_MODES)}")
+        self.resize = resize
         state = load_mlp_state(mlp_path)  # before CLIP: fail fast on the cheap check
         self.clip = load_clip_vision(clip_model, local_files_only)
         self.mlp = AestheticMLP(self.clip.config.projection_dim)
         self.mlp.load_state_dict(state)
         self.image_size = self.clip.config.image_size
         self.target = target
+        self.freeze()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images, self.image_size).to(self.clip.dtype)
+        preprocess = clip_preprocess if self.resize == "reference" else official_preprocess
+        pixels = preprocess(images, self.image_size).to(self.clip.dtype)
         embed = self.clip(pixel_values=pixels).image_embeds
         embed = embed / embed.norm(dim=-1, keepdim=True)
         scores = self.mlp(embed.to(self.mlp.layers[0].weight.dtype)).squeeze(-1).float()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,15 @@ class Reward(nn.Module):
     """
 
     name: str = "reward"
-    needs: str = "nothing (analytic)"
-    differentiable: bool = True  # False: a metric for eval_rewards only  # what the reward loads: shown by `alignprop rewards list`
+    needs: str = "nothing (analytic)"  # what the reward loads: shown by `alignprop rewards list`
+    differentiable: bool = True  # False: a metric for eval_rewards only
+    # Options with a fixed set of accepted values, refused at config load otherwise (validate_reward_specs).
+    choices: dict[str, tuple] = {}
+
+    @classmethod
+    def spec_error(cls, spec: dict[str, Any]) -> Optional[tuple[str, str]]:
+        """(option, message) when the options contradict each other; checked at config load."""
+        return None
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -56,6 +64,24 @@ def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_ST
     return (x - mean) / std
 
 
+RESIZE_MODES = ("reference", "official")
+
+
+def official_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """The official AlignProp training code's reward input: `torchvision.transforms.Resize(size)`
+    on tensors under its pinned torchvision 0.15.2 (bilinear, no antialias, shorter side to `size`,
+    longer side int(size·long/short)), then normalise. Its 512×512 images need no crop; a
+    non-square image is centre-cropped to size×size here (torchvision CenterCrop offsets)."""
+    x = images.float()
+    h, w = x.shape[-2:]
+    resized = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = F.interpolate(x, size=resized, mode="bilinear", align_corners=False, antialias=False)
+    top, left = int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
+    x = x[..., top:top + size, left:left + size]
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A reward checkpoint's state dict: .safetensors, or .pt/.pth read with weights_only=True
     (never unpickling arbitrary objects), unwrapped from {"state_dict": ...} when so saved."""
@@ -74,47 +100,104 @@ class WeightedRewards(nn.Module):
 
     A component with `normalize` enters the sum as (r − running mean) / running std, so weights of
     rewards on different scales are comparable. The running statistics are updated by the caller
-    with the scores of all ranks (`update_stats`), so every rank normalises identically; before
-    the first update a batch is normalised by its own statistics.
+    with the scores of all ranks (`update_stats`, once per optimizer step), so every rank
+    normalises identically. With `normalize_decay` d in (0, 1) (default 0.99) they are an
+    exponential moving average over steps: the first step's batch sets (mean, var), and each later
+    batch (mean_b, var_b: mean and unbiased variance of that step's scores) is mixed in with weight
+    1 − d as a two-component mixture, `mean' = d·mean + (1−d)·mean_b`, `var' = d·var + (1−d)·var_b
+    + d·(1−d)·(mean_b − mean)²` (≈ the last 1/(1−d) steps). With d = None or 0 they are the exact
+    all-history mean and unbiased variance over every image (Welford/Chan).
+
+    Before any update a batch is normalised by its own statistics; pass `gather` to `forward`
+    (a function concatenating a detached tensor across ranks along dim 0) so that this first
+    normalisation uses every rank's scores and ranks agree from the first step.
+
+    `stats` is JSON-serialisable: `{label: [images, mean, var, steps]}` (images folded in, running
+    mean, running variance, update calls); restore with `stats.update(saved)`. The older
+    3-element `[count, mean, M2]` (Welford) form is still read.
     """
 
-    def __init__(self, named: Sequence[tuple[str, float, Reward]], normalize: Sequence[bool] = ()):
+    def __init__(self, named: Sequence[tuple[str, float, Reward]], normalize: Sequence[bool] = (),
+                 normalize_decay: Sequence[Optional[float]] | Optional[float] = 0.99):
         super().__init__()
         self.labels = [label for label, _, _ in named]
         self.weights = [float(weight) for _, weight, _ in named]
         self.rewards = nn.ModuleList([reward for _, _, reward in named])
         self.normalize = list(normalize) or [False] * len(self.labels)
-        self.stats = {label: [0, 0.0, 0.0] for label in self.labels}  # count, mean, M2 (Welford)
+        if normalize_decay is None or isinstance(normalize_decay, (int, float)):
+            normalize_decay = [normalize_decay] * len(self.labels)
+        self.decays = [float(d) if d else None for d in normalize_decay]  # None: all-history
+        self.stats: dict[str, list] = {label: [0, 0.0, 0.0, 0] for label in self.labels}
 
-    def _normalized(self, label: str, scores: torch.Tensor) -> torch.Tensor:
-        count, mean, m2 = self.stats[label]
-        if count < 2:
-            detached = scores.detach()
-            mean, std = detached.mean(), detached.std() if len(detached) > 1 else torch.ones(())
-        else:
-            std = (m2 / (count - 1)) ** 0.5
-        return (scores - mean) / (std + 1e-6)
+    def _stat(self, label: str) -> list:
+        stat = self.stats[label]
+        if len(stat) == 3:  # legacy [count, mean, M2] (Welford) from an older checkpoint
+            count, mean, m2 = stat
+            stat = self.stats[label] = [int(count), float(mean), float(m2) / (count - 1) if count > 1 else 0.0,
+                                        1 if count else 0]
+        return stat
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _ready(self, i: int) -> bool:
+        """Running statistics exist (EMA: one update; all-history: two images)."""
+        stat = self._stat(self.labels[i])
+        return stat[3] >= 1 if self.decays[i] else stat[0] >= 2
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str],
+                gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {label: reward(images, prompts) for label, reward in zip(self.labels, self.rewards)}
-        total = sum(
-            w * (self._normalized(label, parts[label]) if norm else parts[label])
-            for label, w, norm in zip(self.labels, self.weights, self.normalize)
-        )
+        fresh = [i for i, norm in enumerate(self.normalize) if norm and not self._ready(i)]
+        batch_stats = {}
+        if fresh:  # no running statistics yet: this batch's own (all ranks' with `gather`)
+            block = torch.stack([parts[self.labels[i]].detach().float() for i in fresh], dim=1)
+            if gather is not None:
+                block = gather(block).to(block.device)
+            for j, i in enumerate(fresh):
+                column = block[:, j]
+                std = column.std() if len(column) > 1 else torch.ones((), device=column.device)
+                batch_stats[i] = (column.mean(), std)
+        total = 0
+        for i, (label, w, norm) in enumerate(zip(self.labels, self.weights, self.normalize)):
+            scores = parts[label]
+            if norm:
+                if i in batch_stats:
+                    mean, std = batch_stats[i]
+                else:
+                    _, mean, var, _ = self._stat(label)
+                    std = math.sqrt(max(var, 0.0))
+                    std = std if std > 0 else 1.0  # a single image so far: no spread to divide by
+                scores = (scores - mean) / (std + 1e-6)
+            total = total + w * scores
         return total, parts
 
     def update_stats(self, scores: torch.Tensor) -> None:
-        """Fold a (num_images × num_components) block of raw scores into the running statistics."""
-        for label, column in zip(self.labels, scores.T.tolist()):
-            stat = self.stats[label]
-            for x in column:
-                stat[0] += 1
-                delta = x - stat[1]
-                stat[1] += delta / stat[0]
-                stat[2] += delta * (x - stat[1])
+        """Fold one step's (num_images × num_components) block of raw scores (all ranks) in."""
+        scores = torch.as_tensor(scores, dtype=torch.float64)
+        for label, decay, column in zip(self.labels, self.decays, scores.T):
+            n = len(column)
+            if n == 0:
+                continue
+            count, mean, var, steps = self._stat(label)
+            mean_b = float(column.mean())
+            var_b = float(column.var()) if n > 1 else 0.0
+            if decay:  # EMA over steps
+                if steps == 0:
+                    mean, var = mean_b, var_b
+                else:
+                    delta = mean_b - mean
+                    var = decay * var + (1 - decay) * var_b + decay * (1 - decay) * delta ** 2
+                    mean = decay * mean + (1 - decay) * mean_b
+            else:  # exact all-history mean and unbiased variance (Chan's parallel Welford update)
+                m2 = var * (count - 1) if count > 1 else 0.0
+                total = count + n
+                delta = mean_b - mean
+                mean += delta * n / total
+                m2 += var_b * (n - 1) + delta ** 2 * count * n / total
+                var = m2 / (total - 1) if total > 1 else 0.0
+            self.stats[label] = [count + n, mean, var, steps + 1]
 
-
-_COMBINATION_KEYS = ("name", "weight", "label", "normalize")  # read by the combination, not the reward
+_COMBINATION_KEYS = ("name", "weight", "label", "normalize", "normalize_decay")  # read by the combination, not the reward
+NORMALIZE_DECAY = 0.99
 
 
 def _registry() -> dict[str, type[Reward]]:
@@ -164,6 +247,17 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool) -
                 raise ConfigError(f"{where}.{key}: unknown option of reward {spec['name']!r}; accepted: {', '.join([*_COMBINATION_KEYS[1:], *accepted])}")
         if not isinstance(spec.get("normalize", False), bool):
             raise ConfigError(f"{where}.normalize: got {spec['normalize']!r}; accepted: true, false")
+        decay = spec.get("normalize_decay", NORMALIZE_DECAY)
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1):
+            raise ConfigError(f"{where}.normalize_decay: got {decay!r}; accepted: a number in [0, 1) "
+                              f"(EMA decay per step; 0 or null: all-history mean/std)")
+        cls = registry[spec["name"]]
+        for key, accepted_values in cls.choices.items():
+            if key in spec and spec[key] not in accepted_values:
+                raise ConfigError(f"{where}.{key}: got {spec[key]!r}; accepted: {', '.join(map(str, accepted_values))}")
+        problem = cls.spec_error(spec)
+        if problem is not None:
+            raise ConfigError(f"{where}.{problem[0]}: {problem[1]}")
 
 
 def check_reward_files(specs: Sequence[dict[str, Any]], field: str) -> None:
@@ -197,7 +291,8 @@ def build_reward(spec: dict[str, Any]) -> Reward:
 
 def build_rewards(specs: Sequence[dict[str, Any]]) -> WeightedRewards:
     named = [(s.get("label", s["name"]), s.get("weight", 1.0), build_reward(s)) for s in specs]
-    return WeightedRewards(named, normalize=[bool(s.get("normalize", False)) for s in specs])
+    return WeightedRewards(named, normalize=[bool(s.get("normalize", False)) for s in specs],
+                           normalize_decay=[s.get("normalize_decay", NORMALIZE_DECAY) for s in specs])
 
 
 _WEIGHT_OPTIONS = ("model", "clip_model", "processor", "tokenizer", "config", "mlp_path", "checkpoint")

@@ -5,8 +5,20 @@
     scores = reward(images, prompts)    # images: B×3×H×W in [0, 1], one prompt per image → B scores
 
 Both score each image against its own prompt with the cosine of CLIP's projected image and text
-embeddings (`clip_similarity`); the images go through `clip_preprocess` on tensors, so the scores
-are differentiable with respect to the pixels. The CLIP weights are frozen.
+embeddings (`clip_similarity`); the images are preprocessed on tensors, so the scores are
+differentiable with respect to the pixels. The CLIP weights are frozen.
+
+Preprocessing follows each model's reference pipeline:
+* PickScore: transformers' CLIPProcessor (`clip_preprocess`: shorter side → 224, bicubic,
+  antialiased, centre crop); prompts go to the tokenizer as given (the reference's fast CLIP
+  tokenizer normalises NFC + whitespace + lower case itself; no ftfy/html unescaping).
+* HPSv2: its open_clip `image_transform(resize_longest_max=True)` = `ResizeMaxSize(224)`:
+  longest side → 224 (bicubic on tensors, antialiased as torchvision ≥ 0.17 does), zero-pad
+  to 224×224 (left/top = pad // 2), then CLIP mean/std (`hpsv2_preprocess`); prompts are cleaned
+  like open_clip's tokenizer (`clean_prompt`: ftfy.fix_text, html.unescape twice, whitespace).
+* `resize: official` (both HPSv2 and aesthetic, not PickScore, which the official AlignProp code
+  does not use) switches to the official AlignProp training code's input: torchvision
+  `Resize(224)` (bilinear, no antialias under its torchvision 0.15.2) + centre crop.
 
 * PickScore (https://huggingface.co/yuvalkirstain/PickScore_v1) is a transformers CLIPModel; its
   score is `logit_scale.exp() * cos` (≈ 100 × cos, typically ~18–23), as in the PickScore paper's code.
@@ -18,19 +30,56 @@ are differentiable with respect to the pixels. The CLIP weights are frozen.
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from alignprop.rewards.base import Reward, clip_preprocess, read_state_dict
+from alignprop.rewards.base import (CLIP_MEAN, CLIP_STD, RESIZE_MODES, Reward, clip_preprocess, official_preprocess,
+                                    read_state_dict)
 
 CLIP_H14_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
-HPS_FILE = "HPS_v2.1_compressed.pt"
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # hpsv2.utils.hps_version_map
+HPS_VERSION = "v2.1"
+HPS_FILE = HPS_FILES[HPS_VERSION]
 HPS_URL = "https://huggingface.co/xswu/HPSv2"
+
+
+def clean_prompt(text: str) -> str:
+    """open_clip's tokenizer cleaning (`whitespace_clean(basic_clean(text))`, tokenizer.py):
+    `ftfy.fix_text`, `html.unescape` twice, strip, then runs of whitespace → one space.
+    (Lower-casing is left to the CLIP tokenizer, which does it too.)"""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).strip()
+
+
+def hpsv2_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """HPSv2's eval transform on tensors (B×3×H×W in [0, 1] → B×3×size×size, differentiable).
+
+    open_clip `ResizeMaxSize(size, fill=0)` as vendored by HPSv2 (hpsv2/src/open_clip/transform.py):
+    scale = size / max(H, W), new (H, W) = round(dim · scale), torchvision `F.resize` bicubic on the
+    tensor (antialias=True, torchvision ≥ 0.17's default), zero padding [left, top, right, bottom]
+    = [pad_w // 2, pad_h // 2, pad_w − pad_w // 2, pad_h − pad_h // 2]; then CLIP normalisation
+    (so the padding becomes −mean/std). The reference skips resize *and* padding when the longest
+    side already equals `size` (leaving a non-square input the model cannot take); here it pads.
+    """
+    x = images.float()
+    h, w = x.shape[-2:]
+    scale = size / float(max(h, w))
+    if scale != 1.0:
+        h, w = round(h * scale), round(w * scale)
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    pad_h, pad_w = size - h, size - w
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,17 +93,22 @@ def load_clip_tokenizer(name: str, local_files_only: bool):
     return CLIPTokenizer.from_pretrained(name, local_files_only=local_files_only)
 
 
-def clip_similarity(model: nn.Module, tokenizer, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+def clip_similarity(model: nn.Module, tokenizer, images: torch.Tensor, prompts: Sequence[str],
+                    preprocess: Callable[[torch.Tensor, int], torch.Tensor] = clip_preprocess,
+                    clean: Optional[Callable[[str], str]] = None) -> torch.Tensor:
     """cos(image_embeds[i], text_embeds[i]) for each image and its own prompt, float32, shape (B,).
 
-    `model` is a transformers CLIPModel. Images are resized/cropped/normalised on tensors at the
-    model's vision `image_size`; prompts are padded to the text context (77) and truncated.
+    `model` is a transformers CLIPModel. Images go through `preprocess(images, image_size)` on
+    tensors at the model's vision `image_size`; prompts through `clean` (if given), then are padded
+    to the text context (77) and truncated.
     """
     prompts = list(prompts)
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images; give one prompt per image")
+    if clean is not None:
+        prompts = [clean(p) for p in prompts]
     config = model.config
-    pixels = clip_preprocess(images, config.vision_config.image_size).to(model.dtype)
+    pixels = preprocess(images, config.vision_config.image_size).to(model.dtype)
     tokens = tokenizer(prompts, padding="max_length", truncation=True,
                        max_length=config.text_config.max_position_embeddings, return_tensors="pt")
     device = pixels.device
@@ -218,22 +272,41 @@ def load_open_clip_checkpoint(path: str, config) -> nn.Module:
 class HPSv2(Reward):
     """Human Preference Score v2 / v2.1: cos(image, prompt) under the HPS-tuned CLIP ViT-H/14.
 
-    Options: `checkpoint` (local path to HPS_v2.1_compressed.pt or HPS_v2_compressed.pt, or a
-    .safetensors of the same state dict), `tokenizer` (CLIP BPE tokenizer: hub id or directory),
-    `config` (CLIPConfig hub id or directory; default: ViT-H-14 built in code, nothing fetched),
-    `local_files_only` (for the tokenizer and config).
+    Options: `checkpoint` (local path to the version's file — HPS_v2.1_compressed.pt for v2.1,
+    HPS_v2_compressed.pt for v2.0 — or a .safetensors of the same state dict), `version` (`v2.1`
+    default, or `v2.0`: same architecture, different weights; a checkpoint named after the other
+    version is refused), `tokenizer` (CLIP BPE tokenizer: hub id or directory), `config`
+    (CLIPConfig hub id or directory; default: ViT-H-14 built in code, nothing fetched),
+    `local_files_only` (for the tokenizer and config), `resize` (`reference`: HPSv2's own
+    longest-side resize + zero pad, `hpsv2_preprocess`; `official`: the official AlignProp code's
+    bilinear shorter-side `Resize(224)` + centre crop).
     """
 
     name = "hpsv2"
-    needs = f"{HPS_FILE} (or HPS_v2_compressed.pt) from {HPS_URL} + tokenizer {CLIP_H14_TOKENIZER}"
+    needs = (f"{HPS_FILES['v2.1']} (version v2.1, default) or {HPS_FILES['v2.0']} (version v2.0) from {HPS_URL} "
+             f"+ tokenizer {CLIP_H14_TOKENIZER}")
+    choices = {"version": tuple(HPS_FILES), "resize": RESIZE_MODES}
 
-    def __init__(self, checkpoint: Optional[str] = None, tokenizer: str = CLIP_H14_TOKENIZER,
-                 config: Optional[str] = None, local_files_only: bool = False):
+    @classmethod
+    def spec_error(cls, spec):
+        return _version_mismatch(spec.get("checkpoint"), spec.get("version", HPS_VERSION))
+
+    def __init__(self, checkpoint: Optional[str] = None, version: str = HPS_VERSION, tokenizer: str = CLIP_H14_TOKENIZER,
+                 config: Optional[str] = None, local_files_only: bool = False, resize: str = "reference"):
         super().__init__()
+        if version not in HPS_FILES:
+            raise ValueError(f"hpsv2: version {version!r} unknown; accepted: {', '.join(HPS_FILES)}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"hpsv2: resize {resize!r} unknown; accepted: {', '.join(RESIZE_MODES)}")
+        self.version, self.resize = version, resize
+        self.needs = f"{HPS_FILES[version]} from {HPS_URL} + tokenizer {tokenizer}"
         if checkpoint is None or not Path(checkpoint).is_file():
             raise FileNotFoundError(
-                f"hpsv2: checkpoint not found (checkpoint={checkpoint!r}); expected {HPS_FILE} (or HPS_v2_compressed.pt) "
+                f"hpsv2: checkpoint not found (checkpoint={checkpoint!r}); expected {HPS_FILES[version]} (version {version}) "
                 f"from {HPS_URL} — download it and set the reward option checkpoint to its local path")
+        problem = _version_mismatch(checkpoint, version)
+        if problem is not None:
+            raise ValueError(f"hpsv2: {problem[1]}")
         if config is None:
             clip_config = vit_h14_config()
         else:
@@ -245,4 +318,16 @@ class HPSv2(Reward):
         self.freeze()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return clip_similarity(self.clip, self.tokenizer, images, prompts)
+        preprocess = hpsv2_preprocess if self.resize == "reference" else official_preprocess
+        return clip_similarity(self.clip, self.tokenizer, images, prompts, preprocess=preprocess, clean=clean_prompt)
+
+
+def _version_mismatch(checkpoint, version) -> Optional[tuple[str, str]]:
+    """('version', message) when the checkpoint file is the other HPS version's released file."""
+    if not isinstance(checkpoint, str) or version not in HPS_FILES:
+        return None
+    for other, file in HPS_FILES.items():
+        if other != version and Path(checkpoint).name == file:
+            return ("version", f"got {version!r} but checkpoint {checkpoint!r} is the {other} file; "
+                               f"set version: {other} or point checkpoint at {HPS_FILES[version]}")
+    return None

@@ -202,3 +202,10 @@ def test_rewards_list_cli_names_every_reward_and_its_weights():
     for name in ("aesthetic", "hpsv2", "pickscore", "compressibility", "jpeg_size", "object_count", "brightness"):
         assert f"\n{name} " in f"\n{proc.stdout}", name
     assert "mlp_path=not set (required)" in proc.stdout and "checkpoint=not set (required)" in proc.stdout
+
+
+def test_one_option_of_a_listed_reward_is_an_override():
+    cfg = load_config("tiny-cpu", ["rewards.brightness.weight=2.5", "eval_rewards.saturation.label=sat"])
+    assert cfg.rewards == [{"name": "brightness", "weight": 2.5}] and cfg.eval_rewards[0] == {"name": "saturation", "label": "sat"}
+    with pytest.raises(ConfigError, match="^rewards.nope: no such reward in rewards; accepted: brightness$"):
+        load_config("tiny-cpu", ["rewards.nope.weight=2"])

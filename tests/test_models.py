@@ -53,3 +53,22 @@ def test_lora_targets_config_modules_and_round_trips_as_safetensors(tmp_path):
     fresh.load_lora_weights(str(tmp_path))
     torch.testing.assert_close(render(fresh), expected)
     assert (expected - base).abs().max() > 1e-4
+
+
+def test_gaussian_lora_init_is_the_official_codes(tiny_pipe):
+    """lora.init=gaussian (the default) is diffusers' LoRALinearLayer init that the official AlignProp
+    code used (and TRL's init_lora_weights="gaussian"): down/A ~ N(0, std 1/rank), up/B = 0."""
+    from alignprop.platform.config import LoraSection
+    from alignprop.platform.models import add_lora, build_tiny_pipeline
+
+    rank = 8
+    add_lora(tiny_pipe.unet, LoraSection(rank=rank, alpha=rank, init="gaussian"))
+    a = torch.cat([p.flatten() for n, p in tiny_pipe.unet.named_parameters() if "lora_A" in n])
+    b = torch.cat([p.flatten() for n, p in tiny_pipe.unet.named_parameters() if "lora_B" in n])
+    reference = torch.nn.init.normal_(torch.empty(a.numel()), std=1 / rank)  # LoRALinearLayer.__init__
+    assert abs(a.std().item() - reference.std().item()) < 0.03 * reference.std().item() and abs(a.mean()) < 3e-3
+    assert b.abs().max() == 0
+    kaiming = build_tiny_pipeline()
+    add_lora(kaiming.unet, LoraSection(rank=rank, alpha=rank, init="kaiming"))
+    a_kaiming = torch.cat([p.flatten() for n, p in kaiming.unet.named_parameters() if "lora_A" in n])
+    assert a_kaiming.std() < 0.7 * a.std(), "peft's default A is smaller at the tiny UNet's widths"

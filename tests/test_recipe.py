@@ -13,6 +13,7 @@ from alignprop.platform.config import load_config
 from alignprop.platform.models import LORA_WEIGHTS_NAME
 from alignprop.trainers.alignprop import STATE_FILE, AlignPropRecipe, WorkerContext
 from alignprop.trainers.checkpoint import ENGINE_STATE_FILE, OPTIMIZER_FILE
+from alignprop.trainers.sampling import draw_grad_steps
 
 
 def recipe(overrides, **ctx):
@@ -36,6 +37,52 @@ def test_metrics_report_every_component_and_k(deepspeed_world):
     assert 2 <= m["k"] <= 4
     assert m["reward/total_mean"] == pytest.approx(m["reward/brightness_mean"] + 0.5 * m["reward/saturation_mean"], rel=1e-5)
     assert {"loss", "grad_norm", "step_time_s", "images_per_s", "peak_memory_mb", "lr"} <= m.keys()
+
+
+def test_k_is_drawn_per_micro_batch_and_reported_as_the_step_mean(deepspeed_world):
+    r = recipe(["trainer.max_steps=1", "sampling.num_steps=4", "optim.grad_accum=3",
+                "truncation.strategy=uniform", "truncation.low=1", "truncation.high=4"])
+    cfg = r.cfg
+    draws = {s: [len(draw_grad_steps(cfg.truncation, 4, cfg.trainer.seed, s, m)) for m in range(3)] for s in range(50)}
+    step = next(s for s, ks in draws.items() if len(set(ks)) > 1)
+    m = r.train_step(step)
+    assert isinstance(m["k"], float) and m["k"] == pytest.approx(sum(draws[step]) / 3)
+    assert (m["k_min"], m["k_max"]) == (min(draws[step]), max(draws[step]))
+
+
+def test_per_step_trains_even_when_a_micro_batch_keeps_no_step(deepspeed_world):
+    """per_step can detach every step (probability 4!/5^4 ≈ 4 % at N=4): a zero gradient, no crash."""
+    r = recipe(["trainer.max_steps=1", "sampling.num_steps=4", "optim.grad_accum=2", "truncation.strategy=per_step"])
+    cfg = r.cfg
+    draws = {s: [draw_grad_steps(cfg.truncation, 4, cfg.trainer.seed, s, m) for m in range(2)] for s in range(500)}
+    step = next(s for s, kept in draws.items() if [] in kept and any(kept))
+    m = r.train_step(step)
+    assert m["k"] == pytest.approx(sum(map(len, draws[step])) / 2) and m["k_min"] == 0.0
+    assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
+
+
+def test_loss_scale_with_scaled_clipping_gives_the_same_updates(deepspeed_world):
+    """The official recipe: loss × 0.01, clip 5 ≡ loss × 1, clip 500 (clipping engages at steps 2-3 here);
+    metrics report the unscaled loss. A run clipping the scaled loss at 500 instead differs."""
+    # Adam is scale-invariant up to its eps: a tiny eps keeps per-element gradients near 1e-8 comparable
+    base = ["trainer.max_steps=3", "sampling.num_steps=4", "truncation.k=2", "optim.eps=1.0e-16",
+            "rewards=[{name: brightness, weight: 1.0e7}]"]
+
+    def run(*overrides):
+        r = recipe([*base, *overrides])
+        metrics = [r.train_step(step) for step in range(3)]
+        return metrics, torch.cat([p.detach().flatten().clone() for _, p in r._lora_parameters()])
+
+    scaled, w_scaled = run("optim.loss_scale=0.01", "optim.max_grad_norm=5")
+    raw, w_raw = run("optim.loss_scale=1.0", "optim.max_grad_norm=500")
+    assert max(m["grad_norm"] for m in raw) > 500, "clipping engaged"
+    assert scaled[0]["loss"] == raw[0]["loss"], "the unscaled loss is reported (same weights at step 0)"
+    for a, b in zip(scaled, raw):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(0.01 * b["grad_norm"], rel=1e-4)
+    torch.testing.assert_close(w_scaled, w_raw, rtol=1e-3, atol=1e-4)
+    _, w_other = run("optim.loss_scale=0.01", "optim.max_grad_norm=500")
+    assert (w_other - w_raw).abs().max() > 1e-3, "without the matching clip the trajectory differs"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

@@ -7,8 +7,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from alignprop.rewards import Aesthetic, build_reward
+from alignprop.platform.config import ConfigError
+from alignprop.rewards import Aesthetic, build_reward, validate_reward_specs
 from alignprop.rewards.aesthetic import MLP_FILE, AestheticMLP
+from alignprop.rewards.base import CLIP_MEAN, CLIP_STD
 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -86,6 +88,37 @@ def test_missing_mlp_names_the_file_and_option(tiny_spec, tmp_path):
             build_reward({**tiny_spec, "mlp_path": path})
         message = str(err.value)
         assert MLP_FILE in message and "mlp_path" in message and "\n" not in message
+
+
+def test_direct_construction_freezes_itself(tiny_spec):
+    reward = Aesthetic(**{k: v for k, v in tiny_spec.items() if k != "name"})
+    assert not reward.training and not reward.clip.training and not reward.mlp.training
+    assert not any(p.requires_grad for p in reward.parameters())
+    x = images()
+    torch.testing.assert_close(reward(x, ["p"] * 3), reward(x, ["p"] * 3))  # dropout off: deterministic
+
+
+def test_official_resize_matches_the_alignprop_code(tiny_spec):
+    """Official AlignProp (main.py aesthetic_loss_fn): torchvision Resize(224) on tensors under its
+    torchvision 0.15.2 (bilinear, antialias off for tensors), shorter side, then Normalize; the
+    centre crop (torchvision CenterCrop offsets) only matters for non-square images."""
+    reward = build_reward({**tiny_spec, "resize": "official"})
+    x = images(h=40, w=56)
+    size = 32
+    new_h, new_w = size, int(size * 56 / 40)
+    ref = torch.nn.functional.interpolate(x, size=[new_h, new_w], mode="bilinear", align_corners=False, antialias=False)
+    left = int(round((new_w - size) / 2.0))
+    ref = ref[..., :, left:left + size]
+    ref = (ref - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        embed = reward.clip(pixel_values=ref).image_embeds
+        expected = reward.mlp(embed / embed.norm(dim=-1, keepdim=True)).squeeze(-1)
+        scores = reward(x, ["p"] * 3)
+        default = build_reward(tiny_spec)(x, ["p"] * 3)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert (scores - default).abs().max() > 1e-6  # bilinear/no antialias differs from CLIP's bicubic
+    with pytest.raises(ConfigError, match=r"^rewards\[0\]\.resize: got 'bicubic'; accepted: reference, official$"):
+        validate_reward_specs([{**tiny_spec, "resize": "bicubic"}], "rewards", allow_empty=False)
 
 
 def test_full_size_vit_l14_forward_backward(tmp_path):

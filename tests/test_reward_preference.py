@@ -15,8 +15,11 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
 from alignprop.platform.models import build_tiny_tokenizer
-from alignprop.rewards.base import clip_preprocess
-from alignprop.rewards.preference import HPS_FILE, HPSv2, PickScore, vit_h14_config
+from alignprop.platform.config import ConfigError
+from alignprop.rewards import validate_reward_specs
+from alignprop.rewards.base import CLIP_MEAN, CLIP_STD, clip_preprocess
+from alignprop.rewards.preference import (HPS_FILE, HPS_FILES, HPSv2, PickScore, clean_prompt, hpsv2_preprocess,
+                                          vit_h14_config)
 
 PROMPTS = ["a photo of a cat", "a red car", "an oil painting of a castle"]
 
@@ -101,15 +104,69 @@ def hpsv2(tiny, **kw):
                     "local_files_only": True, **kw})
 
 
-def reference_logits(tiny, x, prompts):
+def reference_logits(tiny, x, prompts, pixels=None):
     """transformers' own CLIPModel forward on the same pixels and tokens: logits_per_image diagonal."""
     from transformers import CLIPTokenizer
 
     tokens = CLIPTokenizer.from_pretrained(tiny["tokenizer"])(prompts, padding="max_length", max_length=77,
                                                               truncation=True, return_tensors="pt")
     out = tiny["model"](input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                        pixel_values=clip_preprocess(x, 32))
+                        pixel_values=clip_preprocess(x, 32) if pixels is None else pixels)
     return out.logits_per_image.diagonal()
+
+
+# --- the references' few essential lines, written here ----------------------------------------
+
+def normalize(x):
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def reference_resize_max_size(img, max_size):
+    """HPSv2's vendored open_clip transform.py `ResizeMaxSize.forward` on a 3×H×W tensor (its eval
+    transform applies it after ToTensor), torchvision's tensor `F.resize` being `interpolate(...,
+    align_corners=False, antialias=True)` for bicubic (torchvision ≥ 0.17), `F.pad` with fill 0."""
+    height, width = img.shape[1:]
+    scale = max_size / float(max(height, width))
+    if scale != 1.0:
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        img = torch.nn.functional.interpolate(img[None], size=new_size, mode="bicubic", align_corners=False,
+                                              antialias=True)[0]
+        pad_h = max_size - new_size[0]
+        pad_w = max_size - new_size[1]
+        left, top, right, bottom = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]
+        img = torch.nn.functional.pad(img, (left, right, top, bottom), value=0)
+    return img
+
+
+def reference_hps_transform(x, size):
+    return torch.stack([normalize(reference_resize_max_size(img, size)) for img in x])
+
+
+def reference_clean(text):
+    """open_clip tokenizer.py: whitespace_clean(basic_clean(text))."""
+    import html
+
+    import ftfy
+
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    text = text.strip()
+    text = " ".join(text.split())
+    return text.strip()
+
+
+def reference_official(x, size):
+    """Official AlignProp (main.py): torchvision Resize(size) on tensors under torchvision 0.15.2
+    (bilinear, antialias None → False for tensors), shorter side; + CenterCrop(size) offsets."""
+    h, w = x.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    new_short, new_long = size, int(size * long / short)
+    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    x = torch.nn.functional.interpolate(x, size=[new_h, new_w], mode="bilinear", align_corners=False,
+                                        antialias=False)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return normalize(x[..., top:top + size, left:left + size])
 
 
 # --- behaviour shared by both rewards ---------------------------------------------------------
@@ -191,7 +248,86 @@ def test_hpsv2_score_is_the_plain_cosine(tiny):
     x = images()
     with torch.no_grad():
         scores = hpsv2(tiny)(x, PROMPTS)
-        torch.testing.assert_close(scores, reference_logits(tiny, x, PROMPTS) / 50.0, atol=1e-6, rtol=1e-5)
+        reference = reference_logits(tiny, x, PROMPTS, pixels=reference_hps_transform(x, 32))
+        torch.testing.assert_close(scores, reference / 50.0, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 300, 512), (1, 3, 512, 300), (1, 3, 333, 517), (2, 3, 100, 60),
+                                   (1, 3, 512, 512)])
+def test_hpsv2_preprocess_matches_resize_max_size(shape):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    ours = hpsv2_preprocess(x)
+    assert ours.shape == (shape[0], 3, 224, 224)
+    torch.testing.assert_close(ours, reference_hps_transform(x, 224), atol=1e-5, rtol=0)
+    if shape[2] != shape[3]:  # the padding is there, zero before normalisation
+        padded = ours * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        edge = padded[..., 0, :] if shape[2] < shape[3] else padded[..., :, 0]
+        assert edge.abs().max() < 1e-6
+        # ... and it is not CLIP's crop
+        assert (ours - clip_preprocess(x, 224)).abs().max() > 0.1
+
+
+def test_hpsv2_preprocess_pads_when_the_longest_side_already_fits():
+    x = torch.rand(1, 3, 224, 100, generator=torch.Generator().manual_seed(0))
+    ours = hpsv2_preprocess(x)
+    assert ours.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(ours[..., 62:162], normalize(x[0])[None])  # pad 124 → 62 | 62
+
+
+def test_hpsv2_non_square_score_matches_the_reference_pipeline(tiny):
+    x = images(batch=2, h=40, w=72, grad=True)
+    prompts = ["  \u201ca cat\u201d &amp;amp; a   dog ", "caf\u00c3\u00a9 &lt;b&gt;on the moon"]
+    scores = hpsv2(tiny)(x, prompts)
+    scores.sum().backward()
+    assert x.grad.abs().sum() > 0
+    with torch.no_grad():
+        cleaned = [reference_clean(p) for p in prompts]
+        reference = reference_logits(tiny, x.detach(), cleaned, pixels=reference_hps_transform(x.detach(), 32)) / 50.0
+        uncleaned = hpsv2(tiny)(x.detach(), cleaned)  # the same as cleaning first
+        cropped = reference_logits(tiny, x.detach(), cleaned) / 50.0  # CLIP's resize + crop instead
+    torch.testing.assert_close(scores.detach(), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(uncleaned, reference, atol=1e-5, rtol=1e-5)
+    assert (scores.detach() - cropped).abs().max() > 1e-4
+
+
+def test_hpsv2_official_resize_matches_the_alignprop_code(tiny):
+    x = images(h=40, w=56)
+    with torch.no_grad():
+        scores = hpsv2(tiny, resize="official")(x, PROMPTS)
+        reference = reference_logits(tiny, x, PROMPTS, pixels=reference_official(x, 32)) / 50.0
+    torch.testing.assert_close(scores, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\u201ca cat\u201d &amp; dog  ", '"a cat" & dog'),
+    ("  a\n\tred   car ", "a red car"),
+    ("&amp;lt;b&amp;gt; bold", "<b> bold"),  # html.unescape twice
+    ("caf\u00c3\u00a9 au lait", "caf\u00e9 au lait"),  # ftfy repairs mojibake
+    ("Already Clean", "Already Clean"),  # case is left to the tokenizer
+])
+def test_clean_prompt_matches_open_clip(text, expected):
+    assert clean_prompt(text) == expected == reference_clean(text)
+
+
+def test_hpsv2_version_option(tiny, tmp_path):
+    validate_reward_specs([{"name": "hpsv2", "version": "v2.0"}, {"name": "hpsv2", "label": "b", "version": "v2.1",
+                                                                  "resize": "official"}], "rewards", allow_empty=False)
+    for key, value, accepted in (("version", "v3", "v2.0, v2.1"), ("version", 2.1, "v2.0, v2.1"),
+                                 ("resize", "nearest", "reference, official")):
+        with pytest.raises(ConfigError, match=rf"^rewards\[0\]\.{key}: got {value!r}; accepted: {accepted}$"):
+            validate_reward_specs([{"name": "hpsv2", key: value}], "rewards", allow_empty=False)
+    # The other version's released file is refused at config load (weights differ, architecture does not).
+    with pytest.raises(ConfigError, match=r"^rewards\[0\]\.version: got 'v2.1' but checkpoint .*HPS_v2_compressed.pt"):
+        validate_reward_specs([{"name": "hpsv2", "checkpoint": "/m/HPS_v2_compressed.pt"}], "rewards", allow_empty=False)
+    with pytest.raises(FileNotFoundError, match="HPS_v2_compressed.pt \\(version v2.0\\)"):
+        hpsv2(tiny, checkpoint=None, version="v2.0")
+    with pytest.raises(ValueError, match="set version: v2.1"):
+        hpsv2(tiny, version="v2.0")  # the fixture's file is HPS_v2.1_compressed.pt
+    v20 = tmp_path / HPS_FILES["v2.0"]
+    v20.symlink_to(tiny["checkpoint"])
+    reward = hpsv2(tiny, checkpoint=str(v20), version="v2.0")
+    assert reward.version == "v2.0" and HPS_FILES["v2.0"] in reward.needs
+    assert "HPS_v2_compressed.pt (version v2.0)" in HPSv2.needs and "HPS_v2.1_compressed.pt (version v2.1" in HPSv2.needs
 
 
 def test_hpsv2_rejects_unknown_missing_and_misshapen_keys(tiny, tmp_path):

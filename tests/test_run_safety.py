@@ -178,8 +178,8 @@ def test_run_lifecycle_lock_loopback_ctrl_c_and_lossless_resume(tmp_path):
         # Ctrl-C (to the whole process group, as a terminal sends it) stops within seconds.
         interrupted_at = time.monotonic()
         os.killpg(first.pid, signal.SIGINT)
-        first.wait(timeout=60)
-        assert time.monotonic() - interrupted_at < 60
+        first.wait(timeout=120)  # about 1 s on an idle machine; generous for a loaded CI
+        assert time.monotonic() - interrupted_at < 120
         assert first.returncode == 130, first.stderr.read()[-4000:]
     finally:
         if first.poll() is None:

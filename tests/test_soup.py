@@ -144,3 +144,35 @@ def test_files_that_are_not_safetensors_adapters_are_refused_unopened(tmp_path, 
     assert message in str(err.value) and "pytorch_lora_weights.safetensors" in str(err.value), str(err.value)
     assert not marker.exists(), "a pickle was unpickled"
     assert not (tmp_path / "mix").exists()
+
+
+@pytest.mark.parametrize("base_first", [False, True], ids=["adapter-base", "base-adapter"])
+def test_base_is_the_zero_adapter_in_each_mode(tmp_path, base_first):
+    """`base`: params mode interpolates with A = B = 0 (both matrices scale: update w² · B A); delta
+    mode adds a zero update (update w · B A, the adapter's rank)."""
+    a = trained_adapter(tmp_path, "a", 0, rank=2, alpha=4)
+    loras = ["base", str(a)] if base_first else [str(a), "base"]
+    weights = [0.4, 0.6] if base_first else [0.6, 0.4]
+    (sa, meta_a), da = read_lora(a), delta_weights(a)
+    params = soup(loras, weights, str(tmp_path / "params"), mode="params")
+    sp, meta_p = read_lora(params.parent)
+    assert sp.keys() == sa.keys() and meta_p["lora_alpha"] == meta_a["lora_alpha"] and meta_p["r"] == meta_a["r"]
+    for key in sa:
+        torch.testing.assert_close(sp[key], 0.6 * sa[key])
+    dp = delta_weights(params.parent)
+    for key in da:
+        torch.testing.assert_close(dp[key], 0.36 * da[key], rtol=1e-5, atol=1e-6)
+    delta = soup(loras, weights, str(tmp_path / "delta"), mode="delta")
+    dd, (sd, _) = delta_weights(delta.parent), read_lora(delta.parent)
+    assert next(v for k, v in sd.items() if k.endswith("down.weight")).shape[0] == 2  # the adapter's rank
+    for key in da:
+        torch.testing.assert_close(dd[key], 0.6 * da[key], rtol=1e-5, atol=1e-6)
+    pipe = build_tiny_pipeline()
+    pipe.load_lora_weights(str(params.parent))
+
+
+def test_only_base_adapters_are_refused(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        soup(["base", "base"], [0.5, 0.5], str(tmp_path / "mix"))
+    assert_one_line(err, "--lora")
+    assert not (tmp_path / "mix").exists()

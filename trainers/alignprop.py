@@ -3,9 +3,10 @@
 Run through Ray Train (one copy per worker) by `alignprop train --config tiny-cpu`; the recipe itself
 knows nothing of Ray: it gets a `WorkerContext` (rank, device, report(), the checkpoint to resume).
 
-Per optimizer step: draw K once from (seed, step) → sample N DDIM steps with CFG, the last K with a
-graph and checkpointed UNet calls → decode → weighted rewards → loss = −mean(reward) →
-DeepSpeed backward/step (gradient clipping, accumulation, ZeRO 0–2).
+Per micro-batch of an optimizer step: draw K from (seed, step, micro-batch) → sample N DDIM steps
+with CFG, the last K with a graph and checkpointed UNet calls (or, `truncation.strategy=per_step`,
+the official code's scattered steps) → decode → weighted rewards → loss = −mean(reward) →
+DeepSpeed backward of loss × `optim.loss_scale`/step (gradient clipping, accumulation, ZeRO 0–2).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from alignprop.platform.config import RunConfig, prompt_path
+from alignprop.platform.config import RunConfig, read_prompt_file
 from alignprop.platform.models import add_lora, load_pipeline, save_lora
 from alignprop.platform.tracking import Tracker
 from alignprop.rewards import build_rewards
 from alignprop.trainers.checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from alignprop.trainers.checkpoint import load_engine_state, save_engine_state
-from alignprop.trainers.sampling import draw_k, encode_prompts, sample
+from alignprop.trainers.sampling import draw_grad_steps, encode_prompts, sample
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "lora_ema.safetensors"
@@ -79,10 +80,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def load_prompts(cfg: RunConfig) -> list[str]:
-    if cfg.trainer.prompts:
-        return list(cfg.trainer.prompts)
-    lines = prompt_path(cfg.trainer.prompt_file).read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    """Training prompts: the list, or the prompt file (the launcher reads it on the driver)."""
+    return list(cfg.trainer.prompts) if cfg.trainer.prompts else read_prompt_file(cfg.trainer.prompt_file)
+
+
+def load_eval_prompts(cfg: RunConfig) -> list[str]:
+    if cfg.trainer.eval_prompts or not cfg.trainer.eval_prompt_file:
+        return list(cfg.trainer.eval_prompts)
+    return read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
 
 
 class AlignPropRecipe:
@@ -112,7 +117,7 @@ class AlignPropRecipe:
         )
         self.rewards = build_rewards(cfg.rewards).to(device)
         self.eval_rewards = build_rewards(cfg.eval_rewards).to(device) if cfg.eval_rewards else None
-        self.prompts = load_prompts(cfg)
+        self.prompts, self.eval_prompts = load_prompts(cfg), load_eval_prompts(cfg)
         self.negative = encode_prompts(self.pipe, [""], device)
         if cfg.trainer.ema_decay > 0:
             self.ema = {n: p.detach().clone().float() for n, p in self._lora_parameters()}
@@ -121,16 +126,20 @@ class AlignPropRecipe:
         return self
 
     # ------------------------------------------------------------------------ train step
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return _gather_rows(rows, self.ctx.world_size, self.ctx.device)
+
     def _generator(self, *parts: int) -> torch.Generator:
         return torch.Generator().manual_seed(hash((self.cfg.trainer.seed, *parts)) % 2**63)
 
-    def _sample(self, prompts: list[str], k: int, generator: torch.Generator):
+    def _sample(self, prompts: list[str], k: int, generator: torch.Generator, grad_steps=None):
         s = self.cfg.sampling
         embeds = encode_prompts(self.pipe, prompts, self.ctx.device)
         negative = self.negative.expand(len(prompts), -1, -1)
         return sample(
             self.pipe, self.engine, embeds, negative, s.num_steps, k, s.guidance_scale, s.eta,
             s.resolution, generator, checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae,
+            grad_steps=grad_steps,
         )
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -138,16 +147,22 @@ class AlignPropRecipe:
         cfg, start = self.cfg, time.perf_counter()
         if cfg.trainer.fail_at_step == step + 1 and not self.ctx.resume_dir:
             raise RuntimeError(f"injected failure at step {step + 1} (trainer.fail_at_step)")
-        k = draw_k(cfg.truncation, cfg.sampling.num_steps, cfg.trainer.seed, step)
         self.engine.train()
-        rows = []
+        rows, ks = [], []
         for micro in range(cfg.optim.grad_accum):
+            # K (or per_step's cuts) per (step, micro-batch), not per rank: every rank runs the same
+            # number of gradient steps, and a resumed run replays the same draws
+            grad_steps = draw_grad_steps(cfg.truncation, cfg.sampling.num_steps, cfg.trainer.seed, step, micro)
+            ks.append(len(grad_steps))
             pick = random.Random(hash((cfg.trainer.seed, step, micro, self.ctx.rank)))
             prompts = [pick.choice(self.prompts) for _ in range(cfg.trainer.batch_size)]
-            out = self._sample(prompts, k, self._generator(step, micro, self.ctx.rank))
-            total, parts = self.rewards(out.images, prompts)
+            out = self._sample(prompts, len(grad_steps), self._generator(step, micro, self.ctx.rank), grad_steps)
+            # before any running statistics exist, normalised rewards use statistics of all ranks
+            total, parts = self.rewards(out.images, prompts, gather=self._gather)
             loss = -total.mean()
-            self.engine.backward(loss)
+            if not loss.requires_grad:  # per_step may keep no step at all: a zero gradient, as DeepSpeed needs one
+                loss = loss + sum(p.sum() for _, p in self._lora_parameters()) * 0.0
+            self.engine.backward(loss * cfg.optim.loss_scale)  # metrics report the unscaled loss
             self.engine.step()
             rows.append(torch.stack([total, *parts.values()], dim=1).detach().float().cpu())
         values = _gather_rows(torch.cat(rows), self.ctx.world_size, self.ctx.device)
@@ -158,12 +173,14 @@ class AlignPropRecipe:
             "loss": float(-values[:, 0].mean()),
             "reward/total_mean": float(values[:, 0].mean()),
             "reward/total_std": float(values[:, 0].std()) if len(values) > 1 else 0.0,
-            "k": float(k),
+            "k": sum(ks) / len(ks),  # mean number of steps that kept a gradient
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "step_time_s": seconds,
             "images_per_s": len(values) / seconds,
             "peak_memory_mb": peak_memory_mb(self.ctx.device),
         }
+        if min(ks) != max(ks):
+            metrics["k_min"], metrics["k_max"] = float(min(ks)), float(max(ks))
         for i, label in enumerate(self.rewards.labels, start=1):
             metrics[f"reward/{label}_mean"] = float(values[:, i].mean())
             metrics[f"reward/{label}_std"] = float(values[:, i].std()) if len(values) > 1 else 0.0
@@ -189,7 +206,7 @@ class AlignPropRecipe:
     def _evaluate_weights(self, step: int, prefix: str) -> dict[str, float]:
         cfg = self.cfg
         self.engine.eval()
-        prompts = list(cfg.trainer.eval_prompts)
+        prompts = list(self.eval_prompts)
         out = self._sample(prompts, 1, torch.Generator().manual_seed(cfg.trainer.eval_seed))
         total, parts = self.rewards(out.images, prompts)
         metrics = {f"{prefix}/reward_total": float(total.mean())}
@@ -299,7 +316,7 @@ class AlignPropRecipe:
             metrics["step"] = self.step
             self.tracker.log_metrics(metrics, self.step)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.4f}", k=int(metrics["k"]))
+            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.4f}", k=f"{metrics['k']:g}")
             if self.step % cfg.ckpt_every == 0 or last:
                 with tempfile.TemporaryDirectory() as directory:
                     self.save_checkpoint(directory)

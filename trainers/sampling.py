@@ -1,36 +1,100 @@
 """Differentiable DDIM sampling with truncated backpropagation (the heart of AlignProp).
 
-The first N−K denoising steps run under `torch.no_grad()`; only the contiguous last K steps keep a
-graph, each UNet call wrapped in activation checkpointing, so memory grows with K, not N. K is drawn
-ONCE per batch from a generator seeded by (seed, step): every worker uses the same K and a resumed
-run replays the same sequence.
+Which denoising steps keep a gradient (`truncation.strategy`):
+
+* contiguous (the default; `fixed`, `uniform`, `gaussian`): the last K steps. The first N−K steps
+  run under `torch.no_grad()` (no graph, no saved activations); only the window keeps a graph, each
+  UNet call wrapped in activation checkpointing, so memory grows with K, not N. K is drawn per
+  (optimizer step, micro-batch) from a generator seeded by (seed, step, micro-batch) alone: every
+  rank uses the same K (no stragglers in the all-reduce), a resumed run replays the same sequence,
+  and an update sees one K draw per micro-batch. `gaussian` takes either `mean`/`std` on K (rounded,
+  clipped to [low, high]) or, to copy the official v2 numbers, `cut_mean`/`cut_std` on the CUT
+  index c (K = N − c; c = int(N(cut_mean, cut_std)), truncated toward zero, redrawn while K falls
+  outside [low, high] as the official code redraws, clipped after 100 draws). Official v2
+  (mihirp1998/AlignProp sd_pipeline.py L124-131, config/alignprop_config.py L111-112): c ~
+  N(42, 5), redrawn until 1 <= c < N, for N = 50 → `cut_mean=42 cut_std=5 low=1 high=49` (K ≈ 8).
+* `per_step`, for reproductions of the official v1 code and TRL 0.23.1's AlignPropTrainer: at EVERY
+  denoising step i (0-based) a cut c_i ~ U{cut_low..cut_high} is drawn and step i's UNet output is
+  detached when i < c_i, so the steps that keep a gradient are scattered (each step keeps one with
+  probability (i − cut_low + 1)/(cut_high − cut_low + 1), clamped to [0, 1]). The sources, both drawing with Python's
+  global `random` inside the denoising loop:
+    - mihirp1998/AlignProp main.py @a831a5f (v1, the paper's figures) L483-492:
+      `timestep = random.randint(config.truncated_backprop_minmax[0], ...[1])` per step, minmax
+      (0, 50) for N = 50, `if i < timestep:` detach both uncond and cond noise predictions;
+    - huggingface/trl v0.23.1 trl/models/modeling_sd_base.py `pipeline_step_with_grad` L741-755:
+      `rand_timestep = random.randint(minmax[0], minmax[1])` per step, default minmax (0, 50),
+      `if i < rand_timestep: noise_pred = noise_pred.detach()`.
+  `random.randint` includes both ends, so the defaults cut_low=0, cut_high=N give U{0..N} per step.
+  The graph runs through all N scheduler steps (after the first step that keeps a gradient, the
+  latents carry one, so a later detached step still passes the gradient through DDIM's x_t term,
+  exactly as `.detach()` does in the reference); a detached step's UNet call runs under
+  `torch.no_grad()`, which gives the same values and the same gradients as calling it with a graph
+  and detaching its output, without saving its activations. UNet calls that keep a gradient are
+  checkpointed as in the contiguous mode. Slower than the contiguous mode for the same number of
+  gradient steps, because the scattered steps are spread over the whole chain.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from alignprop.platform.config import TruncationSection
 
+CONTIGUOUS = ("fixed", "uniform", "gaussian")
+MAX_REDRAWS = 100  # cut_mean/cut_std: redraws (like the official loop) before clipping
 
-def draw_k(truncation: TruncationSection, num_steps: int, seed: int, step: int) -> int:
-    """The truncation depth K for optimizer step `step` (same on every rank, replayable)."""
-    rng = random.Random(seed * 1_000_003 + step)
-    if truncation.strategy == "fixed":
-        k = truncation.k
-    elif truncation.strategy == "uniform":
-        k = rng.randint(truncation.low, truncation.high)
-    elif truncation.strategy == "gaussian":
-        k = round(rng.gauss(truncation.mean, truncation.std))
-        k = min(max(k, truncation.low), truncation.high)
+
+def _rng(seed: int, step: int, micro: int) -> random.Random:
+    # A str seed is hashed with SHA-512 by `random.Random` (not Python's per-process salted hash):
+    # the same (seed, step, micro) gives the same stream on every rank, process and resume.
+    return random.Random(f"alignprop-truncation/{seed}/{step}/{micro}")
+
+
+def draw_k(truncation: TruncationSection, num_steps: int, seed: int, step: int, micro: int = 0) -> int:
+    """The truncation depth K of a contiguous strategy for (optimizer step, micro-batch): a pure
+    function of (seed, step, micro), so the same on every rank and replayed on resume."""
+    rng = _rng(seed, step, micro)
+    t = truncation
+    if t.strategy == "fixed":
+        k = t.k
+    elif t.strategy == "uniform":
+        k = rng.randint(t.low, t.high)
+    elif t.strategy == "gaussian" and t.cut_mean is not None:
+        for _ in range(MAX_REDRAWS):
+            k = num_steps - int(rng.gauss(t.cut_mean, t.cut_std))  # int(): as the official code
+            if t.low <= k <= t.high:
+                break
+        k = min(max(k, t.low), t.high)
+    elif t.strategy == "gaussian":
+        k = round(rng.gauss(t.mean, t.std))
+        k = min(max(k, t.low), t.high)
     else:
-        raise ValueError(f"truncation.strategy: unknown {truncation.strategy!r}")
+        raise ValueError(f"truncation.strategy: {t.strategy!r} has no single K; accepted: {', '.join(CONTIGUOUS)}")
     return max(1, min(k, num_steps))
+
+
+def draw_cuts(truncation: TruncationSection, num_steps: int, seed: int, step: int, micro: int = 0) -> list[int]:
+    """`per_step`: one cut c_i ~ U{cut_low..cut_high} per denoising step i (step i detached when i < c_i)."""
+    rng = _rng(seed, step, micro)
+    high = num_steps if truncation.cut_high is None else truncation.cut_high
+    return [rng.randint(truncation.cut_low, high) for _ in range(num_steps)]
+
+
+def steps_from_cuts(cuts: Sequence[int]) -> list[int]:
+    """The steps that keep a gradient given per-step cuts: i with i >= cuts[i]."""
+    return [i for i, cut in enumerate(cuts) if i >= cut]
+
+
+def draw_grad_steps(truncation: TruncationSection, num_steps: int, seed: int, step: int, micro: int = 0) -> list[int]:
+    """The (0-based) denoising steps that keep a gradient for (optimizer step, micro-batch)."""
+    if truncation.strategy == "per_step":
+        return steps_from_cuts(draw_cuts(truncation, num_steps, seed, step, micro))
+    return list(grad_window(num_steps, draw_k(truncation, num_steps, seed, step, micro)))
 
 
 def grad_window(num_steps: int, k: int) -> range:
@@ -68,11 +132,16 @@ def sample(
     generator: torch.Generator,
     checkpoint_unet: bool = True,
     checkpoint_vae: bool = False,
+    grad_steps: Optional[Sequence[int]] = None,
 ) -> SampleOutput:
-    """DDIM with classifier-free guidance; gradients flow through the last `k` steps only.
+    """DDIM with classifier-free guidance; gradients flow through the last `k` steps only, or, given
+    `grad_steps` (e.g. `per_step`'s scattered steps), through the UNet calls of those steps.
 
     `unet` is the (LoRA-wrapped, possibly DeepSpeed-managed) UNet module; `generator` (on CPU)
-    fixes the initial noise and DDIM's eta-noise, so a (seed, step) pair replays exactly.
+    fixes the initial noise and DDIM's eta-noise, so a (seed, step) pair replays exactly. A UNet
+    call outside the kept steps runs under `no_grad` (= the reference's `noise_pred.detach()`); the
+    CFG combination and the scheduler step keep their graph, which is empty until the first kept
+    step (the contiguous prefix therefore builds no graph at all).
     """
     scheduler = pipe.scheduler
     device, batch = prompt_embeds.device, prompt_embeds.shape[0]
@@ -82,14 +151,15 @@ def sample(
     latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_steps, device=device)
     text = torch.cat([negative_embeds, prompt_embeds]).to(unet_dtype) if guidance_scale > 1 else prompt_embeds.to(unet_dtype)
-    window = grad_window(num_steps, k)
+    window = sorted(set(grad_steps)) if grad_steps is not None else list(grad_window(num_steps, k))
+    keep = set(window)
     grad_allowed = torch.is_grad_enabled()  # an outer no_grad (evaluation) wins over the window
 
     def denoise(latent_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(latent_in, t, encoder_hidden_states=text, return_dict=False)[0]
 
     for i, t in enumerate(scheduler.timesteps):
-        with_graph = grad_allowed and i in window
+        with_graph = grad_allowed and i in keep
         with torch.set_grad_enabled(with_graph):
             latent_in = torch.cat([latents] * 2) if guidance_scale > 1 else latents
             latent_in = scheduler.scale_model_input(latent_in, t).to(unet_dtype)
@@ -97,6 +167,7 @@ def sample(
                 noise = checkpoint(denoise, latent_in, t, use_reentrant=False)
             else:
                 noise = denoise(latent_in, t)
+        with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
             noise = noise.float()
             if guidance_scale > 1:
                 uncond, cond = noise.chunk(2)
@@ -104,7 +175,7 @@ def sample(
             variance_noise = torch.randn(latents.shape, generator=generator).to(device) if eta > 0 else None
             latents = scheduler.step(noise, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
     images = decode(pipe.vae, latents, checkpoint_vae)
-    return SampleOutput(images=images, latents=latents, grad_steps=list(window) if grad_allowed else [])
+    return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [])
 
 
 def decode(vae, latents: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
