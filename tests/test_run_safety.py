@@ -159,8 +159,11 @@ def test_run_lifecycle_lock_loopback_ctrl_c_and_lossless_resume(tmp_path):
               "ray.num_workers=2", "trainer.ckpt_every=3", "trainer.eval_every=0", "sampling.num_steps=4", "truncation.k=2"]
     env = subprocess_env(RAY_TMPDIR=ray_tmp)
     log = open(tmp_path / "first.log", "w")  # a file, not a pipe nobody drains: a full pipe blocks the writer
+    # As from a terminal: SIGINT at its default even when this test runs as a background job
+    # (non-interactive shells start `cmd &` with SIGINT ignored, and the ignore is inherited).
     first = subprocess.Popen([*CLI, *common, "trainer.max_steps=500"], cwd=tmp_path, env=env, text=True,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(lambda: _last_step(uri, "life") >= 4, 300, "step 4 in MLflow", first)
 
