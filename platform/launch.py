@@ -120,7 +120,7 @@ def check_local_resources(cfg: RunConfig) -> None:
     _check_fits(cfg, have, "this machine")
 
 
-def _check_fits(cfg: RunConfig, have: dict[str, float], where: str) -> Optional[str]:
+def _check_fits(cfg: RunConfig, have: dict[str, float], where: str) -> None:
     per, n = worker_resources(cfg), cfg.ray.num_workers
     for key, amount in per.items():
         if amount * n > have.get(key, 0.0) + 1e-9:
@@ -128,7 +128,6 @@ def _check_fits(cfg: RunConfig, have: dict[str, float], where: str) -> Optional[
             raise ConfigError(f"ray.num_workers/ray.resources_per_worker: {n} workers × {{{key}: {amount:g}}} need {key} {amount * n:g} "
                               f"but {where} has {{{shown}}}; accepted: fewer workers or smaller resources_per_worker"
                               + ("" if key != "GPU" else ", or ray.use_gpu=false"))
-    return None
 
 
 def wait_for_cluster_resources(cfg: RunConfig) -> None:

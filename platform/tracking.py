@@ -189,23 +189,6 @@ def _heartbeat(uri: str, run_id: str, stop: threading.Event) -> None:
 
 
 @contextmanager
-def run_status(uri: str, run_id: str):
-    """Marks an already open MLflow run FINISHED when the block ends, KILLED on Ctrl-C, FAILED on
-    an error (then re-raises)."""
-    from mlflow import MlflowClient
-
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        MlflowClient(uri).set_terminated(run_id, status=status)
-
-
-@contextmanager
 def run_lock(storage_path: str, name: str):
     """One process per run name at a time: an exclusive lock on `<storage>/<name>/.alignprop.lock`
     (released by the kernel if the process dies, so a crash never blocks a rerun). Remote storage
