@@ -5,6 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# torch build, a PyTorch wheel index tag: cpu unless `nvidia-smi -L` lists a GPU (PyPI's Linux torch
+# is the ~3 GB CUDA 13 build), cu126 if it does (the CUDA build of cluster/torch-build.env: NVIDIA
+# driver >= 560), pypi for PyPI's own wheel (macOS has no +cpu wheel). To switch an existing venv:
+# rm .venv/.installed; make setup TORCH_BUILD=cpu
+TORCH_BUILD ?= $(if $(filter Darwin,$(shell uname -s)),pypi,$(if $(shell nvidia-smi -L 2>/dev/null | grep '^GPU '),cu126,cpu))
+# --retries 1: a PyTorch index out of reach (offline mirrors, firewalls) costs seconds, not minutes
+TORCH_PIP = $(if $(filter pypi,$(TORCH_BUILD)),"torch==$(TORCH_VERSION)","torch==$(TORCH_VERSION)+$(TORCH_BUILD)" \
+	--extra-index-url https://download.pytorch.org/whl/$(TORCH_BUILD) --retries 1 --timeout 30)
 export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= token
 # DeepSpeed JIT-builds its CPU comm op once per venv here (a shared cache rebuilds when venvs alternate)
@@ -17,8 +25,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	# torch first, pinned to its build: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
+	$(PY) -m pip install -q $(TORCH_PIP)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
