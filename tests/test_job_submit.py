@@ -1,5 +1,6 @@
-"""`ray job submit --working-dir . -- alignprop train --config tiny-cpu` against a `ray start --head`
-cluster that this test starts (own temp dir and ports, 127.0.0.1) and stops (its processes only)."""
+"""`ray job submit --working-dir . -- alignprop tune ...` against a `ray start --head` cluster that
+this test starts (own temp dir and ports, 127.0.0.1) and stops (its processes only). A training
+job on a cluster is README's local-cluster block, run verbatim by tests/test_readme_cluster.py."""
 
 from __future__ import annotations
 
@@ -44,25 +45,6 @@ def ray_head():
     for pid in _cluster_pids(temp_dir):  # anything that left the process group
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path):
-    db = tmp_path / "mlflow.db"
-    proc = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
-         "alignprop", "train", "--config", "tiny-cpu", "trainer.max_steps=2", "trainer.eval_every=2",
-         f"tracking.uri=sqlite:///{db}", f"ray.storage_path={tmp_path / 'ray'}", "tracking.run_name=job"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "succeeded" in proc.stdout
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward/total_mean")] == [1, 2]
-    assert (tmp_path / "ray" / "job").is_dir()
 
 
 def test_ray_job_submit_runs_a_sweep_on_the_cluster(ray_head, tmp_path):
