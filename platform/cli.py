@@ -20,6 +20,7 @@ import sys
 
 from alignprop.platform.config import ConfigError, list_presets, load_config
 from alignprop.platform.errors import RunBusyError, UnsafeCheckpointError
+from alignprop.platform.quiet import quiet_known_noise
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     train.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
     train.add_argument("--run-name", help="run name (default: <config>-<hash>; same name = resume)")
+    train.add_argument("--register", help="register the run's MLflow Model (runs:/<id>/model) under this name, alias 'best'")
     sweep = sub.add_parser("tune", help="Ray Tune sweep of AlignProp runs (one Ray Train run per trial)")
     _config_args(sweep)
     sweep.add_argument("--space", required=True, help="tune_spaces/<name>.yaml, a shipped space name, or a YAML path")
@@ -88,6 +90,7 @@ def _with_flags(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_known_noise()
     try:
         if args.command == "presets":
             print("\n".join(list_presets()))
@@ -102,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             print(save_tiny_pipeline(args.dir))
         elif args.command == "train":
             from alignprop.platform.launch import launch
+            from alignprop.platform.run_summary import print_summary
 
-            outcome = launch(load_config(args.config, _with_flags(args)))
-            print(f"[alignprop] done: run {outcome.run_name}, mlflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
-            print(f"[alignprop] last checkpoint: {outcome.checkpoint_path}")
+            print_summary(launch(load_config(args.config, _with_flags(args)), register=args.register))
         elif args.command == "tune":
             from alignprop.platform.sweep_space import load_space
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from alignprop.platform.config import ConfigError, RunConfig, flatten, from_dict, read_prompt_file, run_name, to_dict, to_yaml
-from alignprop.platform.tracking import probe_tracking_uri, resolve_tracking_uri, run_lock, tracked_run
+from alignprop.platform.quiet import close_progress_bars, filter_ray_worker_logs, quiet_known_noise
+from alignprop.platform.tracking import probe_tracking_uri, prompt_sets, resolve_tracking_uri, run_lock, tracked_run
 
 
 @dataclass
@@ -30,6 +31,8 @@ class TrainOutcome:
     tracking_uri: str
     checkpoint_path: Optional[str]  # the last checkpoint directory (Ray storage)
     metrics: dict[str, Any]
+    model_uri: Optional[str] = None  # the run's MLflow Model: runs:/<run_id>/model
+    registered: Optional[str] = None  # with --register NAME: models:/NAME/<version>, which alias `best` now names
 
 
 def resolve_storage_path(storage_path: Optional[str]) -> str:
@@ -45,6 +48,7 @@ def resolved_tracking_uri(cfg: RunConfig) -> str:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry: build the recipe, resume from Ray's checkpoint, train."""
+    quiet_known_noise()  # before DeepSpeed and diffusers are imported below
     import ray.train
     import ray.train.torch
     import torch
@@ -159,11 +163,23 @@ def init_ray(address: Optional[str]) -> bool:
         from alignprop.platform.loopback import enter_loopback_mode
 
         enter_loopback_mode()
+        # Ray Train's actors query the state API with no address: with another Ray on this machine
+        # that auto-detection fails ("Found multiple active Ray instances"). Name ours to them.
+        dashboard_port = free_local_port()
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+                 dashboard_port=dashboard_port, log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}})
+        filter_ray_worker_logs()
         return True
     ray.init(address=address, log_to_driver=True, configure_logging=False)
+    filter_ray_worker_logs()
     return False
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Sequence[Any] = (),
@@ -214,6 +230,7 @@ def fit_interruptibly(trainer):
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)
+    close_progress_bars()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -230,11 +247,16 @@ def check_resume_safety(storage: str, name: str) -> None:
             check_checkpoint_files(directory)
 
 
-def launch(cfg: RunConfig) -> TrainOutcome:
+def launch(cfg: RunConfig, register: Optional[str] = None) -> TrainOutcome:
     """Check what can be checked, take the run's lock, start (or join) Ray, open the MLflow run,
-    fit. The run ends FINISHED, FAILED, or KILLED (Ctrl-C); a local Ray we started is shut down."""
+    fit, log the run's MLflow Model (and register it as `register`, alias `best`). The run ends
+    FINISHED, FAILED, or KILLED (Ctrl-C); a local Ray we started is shut down."""
     import ray
 
+    from alignprop.platform.mlflow_model import check_model_name, log_run_model, register_model
+
+    if register is not None:
+        check_model_name(register)
     name, uri = run_name(cfg), resolved_tracking_uri(cfg)
     storage = resolve_storage_path(cfg.ray.storage_path)
     address = ray_address(cfg)
@@ -247,9 +269,12 @@ def launch(cfg: RunConfig) -> TrainOutcome:
         with run_lock(storage, name):
             started = init_ray(address)
             wait_for_cluster_resources(cfg)
-            with tracked_run(uri, cfg.tracking.experiment or cfg.name, name, flatten(to_dict(cfg)), to_yaml(cfg)) as run_id:
+            with tracked_run(uri, cfg.tracking.experiment or cfg.name, name, flatten(to_dict(cfg)), to_yaml(cfg),
+                             datasets=prompt_sets(cfg)) as run_id:
                 print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
                 result = fit_interruptibly(build_trainer(cfg, uri, run_id))
+                model_uri = log_run_model(uri, run_id)
+                registered = register_model(uri, register, run_id) if register else None
     except KeyboardInterrupt:
         # The fit thread still uses Ray: shutting Ray down under it makes Ray's core worker end the
         # process. The process exit ends it all instead (the CLI exits at once): a local Ray's
@@ -263,5 +288,5 @@ def launch(cfg: RunConfig) -> TrainOutcome:
     return TrainOutcome(
         run_name=name, mlflow_run_id=run_id, tracking_uri=uri,
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-        metrics=dict(result.metrics or {}),
+        metrics=dict(result.metrics or {}), model_uri=model_uri, registered=registered,
     )

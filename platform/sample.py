@@ -2,15 +2,17 @@
 
     alignprop sample --config tiny-cpu --lora runs:/<run_id>/lora/final --prompt "a cat" --out samples/
     alignprop sample --config tiny-cpu --lora models:/<name>@best --tracking-uri sqlite:////abs/mlflow.db ...
+    alignprop sample --config tiny-cpu --lora runs:/<run_id>/model --prompt "a cat" --out samples/
 
 An MLflow URI is resolved against the tracking URI, which is also used as the model registry URI
-(for models:/); nothing is created in the working directory while resolving it.
+(for models:/); nothing is created in the working directory while resolving it. A URI (or a local
+directory) holding an AlignProp run's MLflow Model (`runs:/<id>/model`, `models:/<name>@best`
+registered by `--register`) gives the LoRA inside the Model's artifacts.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,7 +23,8 @@ from alignprop.platform.models import LORA_WEIGHTS_NAME, load_pipeline
 from alignprop.platform.soup import lora_weights_file
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
-URI_ACCEPTED = "runs:/<run_id>/lora/final or models:/<name>/<version> (or models:/<name>@<alias>) logged to --tracking-uri"
+URI_ACCEPTED = ("runs:/<run_id>/lora/final, runs:/<run_id>/model or models:/<name>/<version> (or models:/<name>@<alias>) "
+                "logged to --tracking-uri")
 
 
 def is_mlflow_uri(lora: str) -> bool:
@@ -29,7 +32,7 @@ def is_mlflow_uri(lora: str) -> bool:
 
 
 def resolve_lora(lora: str, tracking_uri: Optional[str] = None) -> Path:
-    """A LoRA directory, a .safetensors file, or an MLflow artifact URI → local directory/file.
+    """A LoRA directory, a .safetensors file, an MLflow Model directory, or an MLflow URI → local directory/file.
 
     Raises a one-line ConfigError or FileNotFoundError naming the LoRA (and the tracking URI) when it
     cannot be found or is not a safetensors adapter; nothing is unpickled."""
@@ -38,7 +41,12 @@ def resolve_lora(lora: str, tracking_uri: Optional[str] = None) -> Path:
     else:
         path = Path(lora).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"--lora: {path} does not exist; accepted: a directory holding {LORA_WEIGHTS_NAME}, the file itself, or runs:/<run_id>/lora/final")
+            raise FileNotFoundError(f"--lora: {path} does not exist; accepted: a directory holding {LORA_WEIGHTS_NAME}, the file itself, "
+                                    "an MLflow Model directory, or runs:/<run_id>/lora/final")
+    if (path / "MLmodel").is_file():  # an AlignProp run's MLflow Model: the LoRA in its artifacts
+        from alignprop.platform.mlflow_model import lora_in_model
+
+        path = lora_in_model(path)
     lora_weights_file(path, source=lora)
     return path
 
@@ -47,12 +55,13 @@ def _download(lora: str, tracking_uri: Optional[str]) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
+    from alignprop.platform.mlflow_model import mlflow_uris
     from alignprop.platform.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     _check_local_store(uri, lora)
     try:
-        with _tracking_and_registry(uri):
+        with mlflow_uris(uri):  # models:/ resolution reads the global registry URI, not the argument
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=lora, tracking_uri=uri, registry_uri=uri))
     except (MlflowException, OSError) as err:
         reason = " ".join(str(getattr(err, "message", None) or err).split())[:200]
@@ -72,31 +81,6 @@ def _check_local_store(uri: str, lora: str) -> None:
     if not store.exists():
         raise ConfigError(f"--tracking-uri: no MLflow store at {store} to resolve {lora}; accepted: the tracking URI the run was "
                           "logged to (--tracking-uri or MLFLOW_TRACKING_URI, e.g. sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000)")
-
-
-@contextmanager
-def _tracking_and_registry(uri: str):
-    """MLflow's models:/ resolution reads the global registry URI (not the `registry_uri` argument)
-    and would otherwise fall back to ./mlflow.db: set both to `uri` for the call, then restore."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        if hasattr(registry_utils, "_registry_uri"):
-            registry_utils._registry_uri = saved[1]
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @torch.no_grad()

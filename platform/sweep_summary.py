@@ -97,7 +97,9 @@ def _child_runs(client, parent_id: str) -> dict[str, Any]:
 
 def _export_best(client, uri: str, parent_id: str, child, best: dict, spec: SweepSpec, tmp: str,
                  register_as: Optional[str]) -> None:
-    """Tag the best child, copy its config and best LoRA onto the parent, optionally register it."""
+    """Tag the best child, copy its config and best LoRA onto the parent; with `register_as`,
+    register the child's MLflow Model (`runs:/<child>/model`, alias `best`), first logging one
+    from its `lora/final` (or `lora/best`) if the trial has none (ASHA stopped it)."""
     import mlflow.artifacts
 
     client.set_tag(child.info.run_id, "alignprop.best", "true")
@@ -110,12 +112,12 @@ def _export_best(client, uri: str, parent_id: str, child, best: dict, spec: Swee
     local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=lora, dst_path=str(Path(tmp) / "lora"), tracking_uri=uri)
     client.log_artifacts(parent_id, local, "best_lora")
     if register_as:
-        from mlflow.exceptions import MlflowException
+        from alignprop.platform.mlflow_model import log_run_model, register_model, run_model
 
-        try:
-            client.create_registered_model(register_as)
-        except MlflowException:
-            pass  # already registered: add a version
-        source = f"{client.get_run(parent_id).info.artifact_uri}/best_lora"
-        version = client.create_model_version(register_as, source, run_id=parent_id)
-        client.set_registered_model_alias(register_as, "best", version.version)
+        child_id = child.info.run_id
+        if run_model(client, child_id) is None:
+            final = any(a.path == "lora/final" for a in client.list_artifacts(child_id, "lora"))
+            log_run_model(uri, child_id, lora="lora/final" if final else lora)
+        registered = register_model(uri, register_as, child_id)
+        client.set_tag(parent_id, "alignprop.registered", registered)
+        print(f"[tune] registered {registered} (alias best): the Model of trial {best['trial_id']}")

@@ -1,21 +1,30 @@
 """MLflow tracking: the driver opens (or re-opens) the run; rank 0 of the workers logs into it.
 
 The driver resolves an absolute tracking URI (Ray workers and jobs run in other directories),
-creates the experiment and the run (deterministic name, tagged so a rerun finds it again), logs the
-flattened config, and hands `(uri, run_id)` to the workers. Workers log with `MlflowClient` and an
-explicit run id, so no global "active run" state crosses process boundaries.
+creates the experiment (tagged to open in the UI's model-training view) and the run (deterministic
+name, tagged so a rerun finds it again, plus MLflow's standard user/source/git tags), logs the
+flattened config and the prompt sets as dataset inputs, and hands `(uri, run_id)` to the workers.
+Workers log with `MlflowClient` and an explicit run id, so no global "active run" state crosses
+process boundaries. Evaluation grids are artifacts `<prefix>/samples/step_<N>.png`: tiles upscaled
+to at least 256 px, each prompt under its image.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import shlex
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +34,16 @@ from alignprop.platform.errors import RunBusyError
 RUN_NAME_TAG = "alignprop.run_name"
 HEARTBEAT_TAG = "alignprop.heartbeat"  # unix time, refreshed by the driver while the run is alive
 OWNER_TAG = "alignprop.owner"  # host:pid of the driver
+COMMAND_TAG = "alignprop.command"  # the command line that started the run
 HEARTBEAT_EVERY_S = 20.0
 HEARTBEAT_LEASE_S = 90.0  # a RUNNING run whose heartbeat is older than this is taken over
 LOCK_FILE = ".alignprop.lock"
+# Read by the MLflow UI (3.x) to pick an experiment's view; "custom_model_development" is its
+# "Machine learning" (model-training) kind, vs "genai_development". MLflow 3.17's UI follows its own
+# sidebar switch instead (a browser setting, GenAI on a first visit; `?workflowType=machine_learning`
+# in the URL selects it), so the tag is what we can record, not a guarantee of the view.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+TILE_PX = 256  # evaluation tiles are upscaled (nearest) to at least this many pixels a side
 
 
 def resolve_tracking_uri(uri: Optional[str]) -> str:
@@ -119,18 +135,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], config_yaml: str,
-             tags: Optional[dict[str, str]] = None) -> str:
+             tags: Optional[dict[str, str]] = None, datasets: Sequence["PromptSet"] = ()) -> str:
     """Find the run tagged `run_name` in `experiment` (resume) or create it; returns its id.
 
     Refuses (RunBusyError) a run that is RUNNING with a fresh heartbeat: one run per name at a time.
-    `tags` go on a new run (e.g. `mlflow.parentRunId` makes it a child in the MLflow UI)."""
+    A new run gets MLflow's user/source/git tags (`run_context_tags`) and `tags` (e.g.
+    `mlflow.parentRunId` makes it a child in the MLflow UI). `datasets` are logged as the run's
+    dataset inputs, each (name, digest, context) once however often the run is reopened."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
     with _sqlite_create_lock(uri):  # creating the client creates (migrates) a fresh sqlite schema
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        if found is None:
+            experiment_id = client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        else:
+            experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older alignprop or by hand: never overwrite a choice
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {quote_filter_value(run_name)}", max_results=1)
     beat = {HEARTBEAT_TAG: str(time.time()), OWNER_TAG: _heartbeat_owner()}
     if runs:
@@ -142,24 +165,130 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], c
         client.update_run(run.info.run_id, status="RUNNING")
         for key, value in beat.items():
             client.set_tag(run.info.run_id, key, value)
+        log_prompt_sets(client, run.info.run_id, datasets)
         return run.info.run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **beat, **(tags or {})})
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, **run_context_tags(), **beat, **(tags or {})})
     run_id = run.info.run_id
     items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
     for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=items[start:start + 100], synchronous=True)
     client.log_text(run_id, config_yaml, "config.yaml")
+    log_prompt_sets(client, run_id, datasets)
     return run_id
+
+
+def run_context_tags() -> dict[str, str]:
+    """MLflow's standard run tags, which `MlflowClient.create_run` (unlike `mlflow.start_run`) does
+    not add: who started the run (`mlflow.user`, the UI's "Created by"), from what
+    (`mlflow.source.name`: `alignprop train`, else the program's name — the UI shows the part after
+    the last "/", so never a whole command line), the command itself (`alignprop.command`), and the
+    commit of this code when it runs from a git checkout (a wheel install or a `ray job submit`
+    copy has none: no tag)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    argv = sys.argv or [""]
+    program = Path(argv[0]).name or "<console>"
+    source = f"{program} {argv[1]}" if program == "alignprop" and len(argv) > 1 else program
+    command = shlex.join([program, *argv[1:]])
+    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: source, MLFLOW_SOURCE_TYPE: "LOCAL",
+            COMMAND_TAG: command if len(command) <= 5000 else command[:4997] + "..."}
+    commit = git_commit(Path(__file__).resolve().parent)
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def _user() -> str:
+    try:  # MLflow's own order: the tracking username, else the login name
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry (containers)
+        return "unknown"
+
+
+def git_commit(directory: Path, timeout_s: float = 5.0) -> Optional[str]:
+    """HEAD of the git checkout `directory` is tracked in; None when it is not in one (or it is an
+    ignored path inside one, e.g. a venv's site-packages), when git is missing or slow."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", "--", Path(__file__).name) is None:
+        return None
+    commit = git("rev-parse", "HEAD")
+    return commit if commit and len(commit) >= 40 and all(c in "0123456789abcdef" for c in commit) else None
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A list of prompts a run uses, logged as one of its MLflow dataset inputs."""
+
+    context: str  # "training" or "evaluation" (MLflow's mlflow.data.context tag)
+    name: str  # the prompt file's name, or the config key that lists them
+    source: str  # the file's path or public URL, or "config" for a list in the config
+    prompts: tuple[str, ...]
+
+
+def prompt_sets(cfg) -> list[PromptSet]:
+    """The training and held-out prompt sets of a run config, as the driver reads them (files are
+    read now; a public set's source is its URL, its text the cached copy). Call after
+    `check_paths`, which fetches public sets and makes relative paths absolute."""
+    from alignprop.platform.config import prompt_path, read_prompt_file
+    from alignprop.platform.prompt_sets import REMOTE_PROMPT_SETS, cache_dir
+
+    tr, sets = cfg.trainer, []
+    for context, key, prompts, file in (("training", "trainer.prompts", tr.prompts, tr.prompt_file),
+                                        ("evaluation", "trainer.eval_prompts", tr.eval_prompts, tr.eval_prompt_file)):
+        if prompts:
+            sets.append(PromptSet(context, key, "config", tuple(prompts)))
+        elif file:
+            field_name = key.replace("prompts", "prompt_file")
+            path = prompt_path(file, field_name)
+            fetched = file in REMOTE_PROMPT_SETS and path == cache_dir() / file
+            source = REMOTE_PROMPT_SETS[file][0] if fetched else str(path)
+            sets.append(PromptSet(context, path.name, source, tuple(read_prompt_file(file, field_name))))
+    return sets
+
+
+def log_prompt_sets(client, run_id: str, sets: Sequence[PromptSet]) -> None:
+    """Log each prompt set as a dataset input (one `prompt` column) unless the run already has it:
+    a resumed run reopens the same MLflow run, and MLflow would list a second copy."""
+    if not sets:
+        return
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME
+
+    def context(inp) -> Optional[str]:
+        return next((t.value for t in inp.tags if t.key == MLFLOW_DATASET_CONTEXT), None)
+
+    run = client.get_run(run_id)
+    have = {(i.dataset.name, i.dataset.digest, context(i)) for i in (run.inputs.dataset_inputs if run.inputs else [])}
+    new = []
+    for item in sets:
+        source = CodeDatasetSource({MLFLOW_SOURCE_NAME: f"run config: {item.name}"}) if item.source == "config" else item.source
+        with warnings.catch_warnings():  # MLflow's own: a local path "can be interpreted in multiple ways"
+            warnings.simplefilter("ignore")  # (both of them LocalArtifactDatasetSource), pandas 4 deprecations
+            dataset = mlflow.data.from_pandas(pd.DataFrame({"prompt": list(item.prompts)}), source=source, name=item.name)
+        if (dataset.name, dataset.digest, item.context) not in have:
+            new.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, item.context)]))
+    if new:
+        client.log_inputs(run_id, datasets=new)
 
 
 @contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], config_yaml: str,
-                tags: Optional[dict[str, str]] = None):
+                tags: Optional[dict[str, str]] = None, datasets: Sequence[PromptSet] = ()):
     """Open (or re-open) the MLflow run, keep its heartbeat, and close it whatever happens:
     FINISHED, FAILED on an error, KILLED on Ctrl-C. Yields the run id."""
     from mlflow import MlflowClient
 
-    run_id = open_run(uri, experiment, run_name, params, config_yaml, tags)
+    run_id = open_run(uri, experiment, run_name, params, config_yaml, tags, datasets)
     client = MlflowClient(uri)  # made now: closing must not wait for a store to initialise
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(uri, run_id, stop), daemon=True, name="alignprop-heartbeat")
@@ -246,10 +375,14 @@ class Tracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
-    def log_image(self, images: torch.Tensor, key: str, step: int) -> None:
-        """Log a B×3×H×W [0, 1] batch as one grid image (MLflow's step-indexed image log)."""
+    def log_image(self, images: torch.Tensor, key: str, step: int, captions: Optional[Sequence[str]] = None) -> None:
+        """Log a B×3×H×W [0, 1] batch as one grid, the artifact `<key>/step_<step>.png`, each
+        caption under its tile. Not MLflow's key/step image log: the UI's chart card for those shows
+        every param of the run above the image (pushing it out of view) and stores the file as
+        `images/<key with ~>+step+N+timestamp+T+<uuid>.png` plus a webp copy."""
         if self.enabled and step > self.logged_through:
-            self.client.log_image(self.run_id, image_grid(images), key=key, step=step)
+            grid = image_grid(images, captions, min_tile=TILE_PX, gap=4)
+            self.client.log_image(self.run_id, grid, artifact_file=f"{key}/step_{step}.png")
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str) -> None:
         if self.enabled:
@@ -269,14 +402,60 @@ def last_logged_step(client, run_id: str) -> int:
     return int(metrics["step"]) if "step" in metrics else (0 if metrics else -1)
 
 
-def image_grid(images: torch.Tensor, columns: int = 4) -> np.ndarray:
-    """B×3×H×W in [0, 1] → H'×W'×3 uint8 grid (no torchvision needed)."""
+def image_grid(images: torch.Tensor, captions: Optional[Sequence[str]] = None, columns: int = 4,
+               min_tile: int = 0, gap: int = 0) -> np.ndarray:
+    """B×3×H×W in [0, 1] → one H'×W'×3 uint8 grid, no torchvision needed. Each image is upscaled by
+    an integer factor (nearest: the pixels stay visible) to at least `min_tile` px a side (0: as
+    sampled), tiles `gap` px apart on white; with `captions`, each one is written (wrapped, at most
+    3 lines) under its image."""
+    from PIL import Image, ImageDraw, ImageFont
+
     images = images.detach().float().clamp(0, 1).cpu()
-    b, c, h, w = images.shape
+    b, _, h, w = images.shape
+    scale = max(1, -(-min_tile // min(h, w)))
+    tile_h, tile_w = h * scale, w * scale
     columns = min(columns, b)
     rows = -(-b // columns)
-    grid = torch.zeros(c, rows * h, columns * w)
-    for i, img in enumerate(images):
+    font = ImageFont.load_default(size=max(14, tile_w // 14))  # Pillow's bundled FreeType font
+    lines = [_wrap(text, font, tile_w - 8, max_lines=3) for text in list(captions or [])[:b]]
+    lines += [[] for _ in range(b - len(lines))]
+    line_h = font.getbbox("Ag")[3] + 4
+    band = (max(len(x) for x in lines) * line_h + 8) if any(lines) else 0
+    grid = Image.new("RGB", (columns * tile_w + (columns - 1) * gap, rows * (tile_h + band) + (rows - 1) * gap), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for i, image in enumerate(pixels):
         r, col = divmod(i, columns)
-        grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        x, y = col * (tile_w + gap), r * (tile_h + band + gap)
+        grid.paste(Image.fromarray(image).resize((tile_w, tile_h), Image.Resampling.NEAREST), (x, y))
+        for n, line in enumerate(lines[i]):
+            draw.text((x + 4, y + tile_h + 4 + n * line_h), line, fill="black", font=font)
+    return np.asarray(grid)
+
+
+def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` px; words wider than a line are cut; the last line ends in "..."
+    when the text does not fit."""
+    lines, line = [], ""
+    for word in text.split():
+        while font.getlength(word) > width:  # one long word: cut it to lines
+            cut = next((k for k in range(len(word) - 1, 0, -1) if font.getlength(word[:k]) <= width), 1)
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(word[:cut])
+            word = word[cut:]
+        candidate = f"{line} {word}".strip()
+        if font.getlength(candidate) <= width:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "..."]
+    return lines

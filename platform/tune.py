@@ -20,7 +20,7 @@ from alignprop.platform.config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, Ru
 from alignprop.platform.launch import (build_trainer, check_local_resources, init_ray, ray_address, resolve_storage_path,
                                        resolved_tracking_uri, wait_for_cluster_resources)
 from alignprop.platform.sweep_space import SweepSpec, apply_params, tune_domain
-from alignprop.platform.tracking import probe_tracking_uri, run_lock, tracked_run
+from alignprop.platform.tracking import probe_tracking_uri, prompt_sets, run_context_tags, run_lock, tracked_run
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
 
@@ -30,13 +30,18 @@ def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from alignprop.platform.mlflow_model import log_run_model
+
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_params(from_dict(base), params)
     cfg.tracking.run_name = f"{sweep['name']}-{trial_id}"
-    tags = {"mlflow.parentRunId": sweep["parent_run_id"], "alignprop.sweep": sweep["name"], "alignprop.trial_id": trial_id}
-    with tracked_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg), tags) as run_id:
+    tags = {**sweep["context_tags"],  # the driver's user/source/commit: in a trial, argv is Ray's worker
+            "mlflow.parentRunId": sweep["parent_run_id"], "alignprop.sweep": sweep["name"], "alignprop.trial_id": trial_id}
+    with tracked_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg), tags,
+                     datasets=prompt_sets(cfg)) as run_id:
         build_trainer(cfg, sweep["tracking_uri"], run_id, callbacks=[TuneReportCallback()],
                       storage_path=sweep["trials_path"]).fit()
+        log_run_model(sweep["tracking_uri"], run_id)  # runs:/<run_id>/model; for a trial the scheduler stops, the summary logs it
 
 
 def _scheduler(spec: SweepSpec, max_steps: int):
@@ -98,6 +103,10 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
     name = sweep_name or f"{cfg.name}-{spec.name}"
     if not SAFE_NAME.fullmatch(name):
         raise ConfigError(f"--name: got {name!r}; accepted: {SAFE_NAME_TEXT}")
+    if register_as is not None:
+        from alignprop.platform.mlflow_model import check_model_name
+
+        check_model_name(register_as)
     uri, experiment = resolved_tracking_uri(cfg), cfg.tracking.experiment or cfg.name
     storage = resolve_storage_path(cfg.ray.storage_path)
     address = ray_address(cfg)
@@ -130,7 +139,7 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
 
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,
-             "trials_path": f"{storage}/{name}/trials"}  # local path or s3://, gs:// alike
+             "trials_path": f"{storage}/{name}/trials", "context_tags": run_context_tags()}  # local path or s3://, gs:// alike
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep), {"CPU": TRIAL_CPU})
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):

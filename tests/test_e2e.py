@@ -31,7 +31,8 @@ def trained(tmp_path_factory):
     common = ["train", "--config", "tiny-cpu", "--run-name", "e2e", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
               f"ray.storage_path={work}/ray", "trainer.ckpt_every=2", "trainer.eval_every=2"]
     first = alignprop(*common, "trainer.max_steps=2", cwd=work)
-    second = alignprop(*common, "trainer.max_steps=4", "ray.num_workers=1", "ray.resources_per_worker={CPU: 0.98}", cwd=work)
+    second = alignprop(*common, "trainer.max_steps=4", "ray.num_workers=1", "ray.resources_per_worker={CPU: 0.98}",
+                       "--register", "e2e-model", cwd=work)
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
@@ -50,8 +51,11 @@ def test_mlflow_run_has_params_metrics_images_and_lora(trained):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4], key
     assert {"eval/reward_total", "eval/saturation", "eval/colorfulness"} <= run.data.metrics.keys()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "lora", "images"} <= artifacts, artifacts
-    assert len(client.list_artifacts(run.info.run_id, "images")) >= 1
+    assert {"config.yaml", "lora", "eval"} <= artifacts, artifacts
+    grids = sorted(a.path for a in client.list_artifacts(run.info.run_id, "eval/samples"))
+    assert grids == [f"eval/samples/step_{n}.png" for n in (0, 2, 4)], grids
+    assert len(run.inputs.dataset_inputs) == 2, "the prompt sets, once across the rerun"
+    assert {"mlflow.user", "mlflow.source.name", "alignprop.command"} <= run.data.tags.keys()
     lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
     assert lora == {"lora/final", "lora/best"}
 
@@ -75,6 +79,31 @@ def test_lora_artifact_loads_into_the_pipeline_and_changes_it(trained):
     assert (render() - base).abs().max() > 1e-4
 
 
+def test_each_run_logs_an_mlflow_model_and_register_names_the_last_best(trained, tmp_path):
+    """Both CLI runs logged the run's Model (steps 2 and 4); `--register` made models:/e2e-model@best
+    the newest, which holds lora/final and predicts images."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from alignprop.platform.mlflow_model import decode_image, mlflow_uris
+
+    work, client, runs, _, _ = trained
+    uri, run_id = f"sqlite:///{work}/mlflow.db", runs[0].info.run_id
+    outputs = sorted((o.step, o.model_id) for o in client.get_run(run_id).outputs.model_outputs)
+    assert [step for step, _ in outputs] == [2, 4]
+    version = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("e2e-model", "best")
+    assert version.source == f"models:/{outputs[-1][1]}" and version.run_id == run_id
+    with mlflow_uris(uri):
+        model = mlflow.pyfunc.load_model("models:/e2e-model@best")
+        held = mlflow.artifacts.download_artifacts("models:/e2e-model@best", dst_path=str(tmp_path / "model"))
+        final = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/lora/final", dst_path=str(tmp_path / "final"))
+    name = "pytorch_lora_weights.safetensors"
+    assert (Path(held) / "artifacts" / "lora" / name).read_bytes() == (Path(final) / name).read_bytes()
+    out = model.predict(pd.DataFrame({"prompt": ["a photo of a cat"]}))
+    assert decode_image(out.image[0]).size == (32, 32)
+
+
 def test_rerun_with_the_same_name_resumed_from_the_checkpoint(trained):
     work, client, runs, first, second = trained
     last = Path(second.stdout.split("[alignprop] last checkpoint: ")[1].split()[0])
@@ -96,3 +125,16 @@ def test_sample_cli_writes_base_and_lora_images(trained, tmp_path):
               "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--prompt", "a cat", "--prompt", "a dog",
               "--out", str(tmp_path / "png"), cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["base_00.png", "base_01.png", "lora_00.png", "lora_01.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["png"], "sample writes nothing but its outputs (no ./mlflow.db)"
+
+
+def test_console_is_clean_and_ends_with_a_summary(trained):
+    """No warning walls (the stack's known noise is filtered where raised), and the closing summary."""
+    _, _, runs, first, second = trained
+    for proc in (first, second):
+        text = proc.stdout + proc.stderr
+        noisy = [line for line in text.splitlines() if any(w in line for w in ("Warning", "WARNING", "Traceback", "Error"))]
+        assert not noisy, noisy
+    assert "held-out rewards (eval/, step 0 → 4): brightness " in second.stdout
+    assert f"LoRA: runs:/{runs[0].info.run_id}/lora/final" in second.stdout
+    assert "mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///" in second.stdout

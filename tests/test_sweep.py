@@ -118,7 +118,17 @@ def test_best_lora_loads_and_is_registered(sweep, mlflow_server, tmp_path):
     local = client.download_artifacts(summary["parent_run_id"], "best_lora", str(tmp_path))
     pipe = build_tiny_pipeline()
     pipe.load_lora_weights(local)
-    assert client.get_model_version_by_alias("tiny-alignprop", "best").run_id == summary["parent_run_id"]
+    # --register: the best trial's MLflow Model (runs:/<child>/model), alias best, loads as a pyfunc.
+    import mlflow
+    import pandas as pd
+
+    from alignprop.platform.mlflow_model import mlflow_uris
+
+    best_child = client.get_run(summary["parent_run_id"]).data.tags["alignprop.best_run_id"]
+    assert client.get_model_version_by_alias("tiny-alignprop", "best").run_id == best_child
+    with mlflow_uris(mlflow_server):
+        model = mlflow.pyfunc.load_model("models:/tiny-alignprop@best")
+    assert len(model.predict(pd.DataFrame({"prompt": ["a cat"]}))) == 1
 
 
 def test_no_cpu_reservation_is_left_behind(sweep, local_ray):

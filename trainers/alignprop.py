@@ -214,7 +214,7 @@ class AlignPropRecipe:
         if self.eval_rewards is not None:
             _, held_out = self.eval_rewards(out.images, prompts)
             metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in held_out.items()})
-        self.tracker.log_image(out.images, f"{prefix}/samples", step)
+        self.tracker.log_image(out.images, f"{prefix}/samples", step, captions=prompts)
         return metrics
 
     def _should_stop(self, metrics: dict[str, float]) -> bool:
@@ -290,15 +290,13 @@ class AlignPropRecipe:
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict[str, float]:
         """Steps from the resumed step to max_steps; every rank reports once per step."""
-        from tqdm.auto import tqdm
-
         cfg, metrics = self.cfg.trainer, {}
         if self.ctx.rank == 0 and self.ctx.resume_dir:
             done = self.step >= cfg.max_steps or self.early_stop.get("stopped")
             print(f"[alignprop] resumed at step {self.step} of {cfg.max_steps} from {self.ctx.resume_dir}"
                   + ("; nothing left to train (raise trainer.max_steps, or set tracking.run_name for a new run)" if done else ""),
                   flush=True)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="alignprop", disable=self.ctx.rank != 0 or not self.ctx.progress)
+        bar = progress_bar(cfg.max_steps, self.step, enabled=self.ctx.rank == 0 and self.ctx.progress)
         if self.step == 0 and cfg.eval_every and self.ctx.rank == 0:  # the base model's baseline
             self.last_eval = self.evaluate(0)
             self.tracker.log_metrics(self.last_eval, 0)
@@ -315,8 +313,8 @@ class AlignPropRecipe:
                 metrics["early_stopped"] = 1.0
             metrics["step"] = self.step
             self.tracker.log_metrics(metrics, self.step)
+            bar.set_description(f"alignprop reward={metrics['reward/total_mean']:.4f} k={metrics['k']:g}")
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.4f}", k=f"{metrics['k']:g}")
             if self.step % cfg.ckpt_every == 0 or last:
                 with tempfile.TemporaryDirectory() as directory:
                     self.save_checkpoint(directory)
@@ -331,6 +329,29 @@ class AlignPropRecipe:
             with self._ema_weights():
                 self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/final_ema")
         return metrics
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """Rank 0's bar. In a Ray worker, Ray's tqdm: the driver draws it as one bar (plain tqdm's
+    carriage-return updates arrive there as a new line each)."""
+    from tqdm.auto import tqdm
+
+    import ray
+
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        class Bar(ray_tqdm):
+            def close(self):  # once: a second close (from __del__) would draw a new bar on the driver
+                if not self._closed:
+                    super().close()
+
+        bar = Bar(total=total, desc="alignprop")
+        bar.update(initial)
+        return bar
+    return tqdm(total=total, initial=initial, desc="alignprop")
 
 
 def _gather_rows(rows: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:

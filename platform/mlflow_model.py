@@ -1,0 +1,255 @@
+"""An MLflow Model per run: the run's trained LoRA on its base pipeline, as a pyfunc.
+
+    mlflow.pyfunc.load_model("runs:/<run_id>/model").predict(pd.DataFrame({"prompt": ["a cat"]}))
+    alignprop train --config tiny-cpu --register tiny-sd        # version + alias best: models:/tiny-sd@best
+    MLFLOW_TRACKING_URI=sqlite:////abs/mlflow.db mlflow models serve -m models:/tiny-sd@best --env-manager local -p 5001
+    curl -X POST 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+         -d '{"dataframe_split": {"columns": ["prompt"], "data": [["a cat"]]}, "params": {"seed": 1}}'
+
+The Model is MLflow's "models from code": its MLmodel names a three-line Python file that imports
+`AlignPropModel` from the installed alignprop package, so nothing is unpickled when it loads (MLflow
+3.17 refuses cloudpickled models by default anyway). Its artifacts hold everything it needs — the
+LoRA (`artifacts/lora/pytorch_lora_weights.safetensors`) and the run's resolved `config.yaml`, which
+names the base pipeline — so loading it does not need the tracking server, only the base weights
+(hub cache or local directory; the tiny pipeline is built offline). Serving needs alignprop installed
+in the serving Python (`--env-manager local` from this venv).
+
+MLflow 3 logs a model as a LoggedModel entity (its files live under the experiment's `models/`, not
+in the run's artifact folder); `runs:/<run_id>/model` resolves to the newest LoggedModel named `model`
+whose source run is <run_id>, and registered versions point at `models:/<model_id>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow.pyfunc
+import pandas as pd
+
+from alignprop.platform.config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, from_dict
+
+MODEL_NAME = "model"  # runs:/<run_id>/model
+ALIAS = "best"  # models:/<name>@best
+LORA_ARTIFACT = "lora/final"
+CODE_FILE = "alignprop_model.py"
+MODEL_CODE = '''"""MLflow models-from-code entry point of an AlignProp run's Model (see alignprop.platform.mlflow_model)."""
+import mlflow
+
+from alignprop.platform.mlflow_model import AlignPropModel
+
+mlflow.models.set_model(AlignPropModel())
+'''
+# What loading the Model imports; pinned to this environment's versions (MLflow infers nothing).
+REQUIREMENTS = ("alignprop-platform", "mlflow", "torch", "diffusers", "transformers", "peft", "safetensors",
+                "omegaconf", "pillow", "pandas")
+
+
+class AlignPropModel(mlflow.pyfunc.PythonModel):
+    """Text → image with the run's LoRA (`lora/final`, the adapter at the end of training) applied to
+    the base pipeline named by the run's config (`model.pretrained` hub id or local directory, or
+    `model.tiny: true`), on CUDA if there is one.
+
+    `predict(df)` takes a DataFrame with a `prompt` column and returns a DataFrame with one row per
+    prompt: `prompt`, `seed` and `image`, a base64-encoded PNG (a string: the same in Python and in
+    `mlflow models serve`'s JSON, `{"predictions": [{"prompt", "seed", "image"}, ...]}`;
+    `decode_image` turns it into a PIL image). Params (MLflow `params=`): `seed` (default 0; row i
+    uses seed + i, as `alignprop sample` does, so the same seed gives the same image),
+    `num_steps` and `guidance_scale` (default: the run's `sampling` values)."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from alignprop.platform.models import load_pipeline
+        from alignprop.platform.soup import lora_weights_file
+
+        cfg = read_config(context.artifacts["config"])
+        self.sampling = cfg.sampling
+        self.pipe = load_pipeline(cfg.model).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        weights = lora_weights_file(context.artifacts["lora"])  # a checked safetensors file: never a pickle
+        self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
+
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
+        import torch
+
+        params, s = params or {}, self.sampling
+        seed = int(params.get("seed", 0))
+        steps = int(params.get("num_steps") or s.num_steps)
+        guidance = float(s.guidance_scale if params.get("guidance_scale") is None else params["guidance_scale"])
+        prompts = [str(p) for p in model_input["prompt"]]
+        rows = []
+        with torch.no_grad():
+            for i, prompt in enumerate(prompts):
+                image = self.pipe(
+                    prompt, num_inference_steps=steps, guidance_scale=guidance, eta=s.eta, height=s.resolution,
+                    width=s.resolution, generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                ).images[0]
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                rows.append({"prompt": prompt, "seed": seed + i, "image": base64.b64encode(buffer.getvalue()).decode("ascii")})
+        return pd.DataFrame(rows, columns=["prompt", "seed", "image"])
+
+
+def decode_image(encoded: str):
+    """A `predict` result's `image` cell (base64 PNG) → PIL image."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as image:
+        return image.convert("RGB")
+
+
+def read_config(path: str | os.PathLike) -> RunConfig:
+    """The run's config.yaml (as the run logged it) → RunConfig; plain YAML, no code."""
+    import yaml
+
+    return from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def check_model_name(name: str, flag: str = "--register") -> str:
+    """A registered model name that reads unambiguously in models:/<name>@best (the run-name rule)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{flag}: got {name!r}; accepted: a registered model name of {SAFE_NAME_TEXT}")
+    return name
+
+
+def _signature(cfg: RunConfig):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]),
+        params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("num_steps", "long", cfg.sampling.num_steps),
+                            ParamSpec("guidance_scale", "double", float(cfg.sampling.guidance_scale))]),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in REQUIREMENTS:
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+@contextmanager
+def mlflow_uris(uri: str):
+    """MLflow's fluent model functions read the global tracking and registry URIs (models:/ lookups
+    would otherwise fall back to ./mlflow.db): set both to `uri` for the call, then restore them."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        if hasattr(registry_utils, "_registry_uri"):
+            registry_utils._registry_uri = saved[1]
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def log_run_model(tracking_uri: str, run_id: str, lora: str = LORA_ARTIFACT) -> str:
+    """Log the run's MLflow Model, named `model`, from its `lora` artifact (default `lora/final`) and
+    its `config.yaml`, linked to the run at its last logged step; returns `runs:/<run_id>/model`.
+
+    Called on the driver after training, while the run is open; a rerun of the run logs a new one
+    (the newest is what `runs:/<run_id>/model` loads). Writes nothing outside a temporary directory."""
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.entities import LoggedModelOutput
+
+    from alignprop.platform.soup import lora_weights_file
+    from alignprop.platform.tracking import last_logged_step
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "run").mkdir()
+        fetched = Path(download_artifacts(run_id=run_id, artifact_path=lora, dst_path=f"{tmp}/run", tracking_uri=tracking_uri))
+        lora_dir = str(fetched.rename(Path(tmp) / "lora"))  # the Model's artifacts/lora
+        config = download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp, tracking_uri=tracking_uri)
+        lora_weights_file(lora_dir, source=f"runs:/{run_id}/{lora}")
+        code = Path(tmp) / CODE_FILE
+        code.write_text(MODEL_CODE)
+        # Created here, in the run's experiment (MLflow's fluent path would pick the active or the
+        # default experiment), and linked to the run below without re-logging the run's metrics.
+        model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                           model_type="alignprop-lora", tags={"alignprop.lora": lora})
+        with mlflow_uris(tracking_uri), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")  # on purpose: see _signature
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME, model_id=model.model_id, python_model=str(code),
+                artifacts={"lora": lora_dir, "config": config}, signature=_signature(read_config(config)),
+                pip_requirements=_requirements(),
+            )
+    step = last_logged_step(client, run_id)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=max(step, 0))])
+    return f"runs:/{run_id}/{MODEL_NAME}"
+
+
+def run_model(client, run_id: str):
+    """The newest READY LoggedModel named `model` that `run_id` logged, or None."""
+    from mlflow.entities import LoggedModelStatus
+
+    outputs = client.get_run(run_id).outputs
+    models = [client.get_logged_model(o.model_id) for o in (outputs.model_outputs if outputs else [])]
+    models = [m for m in models if m.name == MODEL_NAME and m.status == LoggedModelStatus.READY]
+    return max(models, key=lambda m: m.creation_timestamp, default=None)
+
+
+def register_model(tracking_uri: str, name: str, run_id: str) -> str:
+    """Register the run's Model (`runs:/<run_id>/model`) as a new version of `name`, with the tracking
+    URI as the registry, and point alias `best` at it. Returns `models:/<name>/<version>`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    check_model_name(name)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    model = run_model(client, run_id)
+    if model is None:
+        raise ConfigError(f"--register: run {run_id} has no MLflow Model named {MODEL_NAME!r} at {tracking_uri}; "
+                          "accepted: a run that finished training (it logs runs:/<run_id>/model)")
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    with mlflow_uris(tracking_uri):  # a local store resolves a models:/<model_id> source through the global client
+        version = client.create_model_version(name, f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id)
+    client.set_registered_model_alias(name, ALIAS, version.version)
+    return f"models:/{name}/{version.version}"
+
+
+def lora_in_model(path: str | os.PathLike) -> Path:
+    """A downloaded MLflow Model directory (one holding `MLmodel`) → its LoRA directory (from the
+    pyfunc flavor's `artifacts.lora`); any other path is returned as it is."""
+    import yaml
+
+    path = Path(path)
+    if not (path / "MLmodel").is_file():
+        return path
+    flavor = (yaml.safe_load((path / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+    relative = ((flavor.get("artifacts") or {}).get("lora") or {}).get("path")
+    if not relative:
+        raise ConfigError(f"--lora: the MLflow Model at {path} holds no LoRA (no artifacts.lora in its MLmodel); "
+                          "accepted: an AlignProp run's Model (runs:/<run_id>/model, models:/<name>@best) or a LoRA directory")
+    return path / relative

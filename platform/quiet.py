@@ -1,0 +1,104 @@
+"""The stack's known console noise, filtered where it is raised; everything else still shows.
+
+`quiet_known_noise()` runs first in the CLI and in every Train worker: it drops a few exact
+messages (logging filters and warning filters matched on the message, never a whole logger or
+category). Lines that Ray's own actors print (the Train controller, DeepSpeed's `print`s in the
+workers) cannot be filtered in those processes; `filter_ray_worker_logs()` drops the same known
+lines where the driver prints what Ray streams to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+# (pattern, what it is). Each is expected and says nothing the user can act on.
+KNOWN_NOISE: list[tuple[str, str]] = [
+    (r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back",
+     "transformers 5, when diffusers imports the CLIP/SigLIP processors; we use the PIL ones"),
+    (r"Setting accelerator to CPU\. If you have GPU",
+     "DeepSpeed on a CPU worker (ray.use_gpu=false)"),
+    (r"^DeepSpeed deepspeed\.ops\.\S+ built successfully$",
+     "a print() each time DeepSpeed loads its (cached) CPU comm op"),
+    (r"has constructor arguments in the object store and max_restarts > 0",
+     "Ray Train's own PreemptionWatcher actor (ray-project/ray#53727)"),
+    (r"^Requesting resources: |^Attempting to start training worker group",
+     "Ray Train controller INFO before 'Started training worker group'"),
+    (r"^Checkpoint successfully created at: ",
+     "every rank, every checkpoint; the closing summary names the last one"),
+    (r"Creating initial MLflow database tables|^Updating database tables$",
+     "MLflow creating a new sqlite store"),
+]
+_NOISE = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_NOISE))
+# A FutureWarning torch raises for the collective DeepSpeed calls in ZeRO (not our code).
+_DEPRECATED_COLLECTIVE = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not _NOISE.search(record.getMessage())
+        except Exception:  # a record whose message cannot be formatted: not ours to judge
+            return True
+
+
+def is_noise(line: str) -> bool:
+    return not line.strip() or bool(_NOISE.search(line))  # blank: a worker's stray carriage return
+
+
+def quiet_known_noise() -> None:
+    """Install the filters in this process (idempotent)."""
+    for name in ("transformers.utils.import_utils", "DeepSpeed", "mlflow.store.db.utils", "alembic.runtime.migration"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+            logger.addFilter(_DropKnownNoise())
+    warnings.filterwarnings("ignore", message=_DEPRECATED_COLLECTIVE, category=FutureWarning)
+    # MLflow draws a bar per artifact download (the model logged after training downloads a few
+    # small files); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings them back.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def filter_ray_worker_logs() -> None:
+    """Wrap the driver's printer of the lines Ray streams from workers and actors so the known
+    noise is dropped. Uses Ray's internal dispatcher; a Ray without it keeps printing everything."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    handlers = getattr(dispatcher, "handlers", None)
+    if not handlers:
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, handler if name != "ray_print_logs" or getattr(handler, "_alignprop", False)
+                                else _filtered(handler)) for name, handler in handlers]
+
+
+def _filtered(handler):
+    def print_lines(data):
+        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    print_lines._alignprop = True
+    return print_lines
+
+
+def close_progress_bars() -> None:
+    """Close the bars the driver draws for workers (Ray's tqdm) before the closing summary: a bar
+    left open (a worker that died mid-run) would otherwise be redrawn at interpreter exit."""
+    try:
+        from ray.experimental import tqdm_ray
+    except ImportError:
+        return
+    manager = getattr(tqdm_ray, "_manager", None)
+    if manager is None:
+        return
+    with manager.lock:
+        for group in list(manager.bar_groups.values()):
+            for bar in list(group.bars_by_uuid.values()):
+                bar.close()
+            group.bars_by_uuid.clear()
+        manager.bar_groups.clear()

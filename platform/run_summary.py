@@ -1,0 +1,69 @@
+"""The closing summary of `alignprop train`: steps, held-out rewards before → after, where the
+LoRA and the checkpoint are, and how to open the run in the MLflow UI.
+
+    [alignprop] done: run tiny-cpu-02f14d19, 20 steps
+      held-out (eval/, step 0 → 20):  brightness 0.5082 → 0.5190 (+0.0108)  ...
+      LoRA: runs:/<id>/lora/final   checkpoint: /abs/ray_results/<run>/checkpoint_...
+      UI: make ui, then http://127.0.0.1:5000/#/experiments/1/runs/<id>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+
+def held_out_changes(client, run_id: str) -> list[tuple[str, float, float, int, int]]:
+    """(name, first, last, first step, last step) of every `eval/` metric of the run."""
+    run = client.get_run(run_id)
+    rows = []
+    for key in sorted(k for k in run.data.metrics if k.startswith("eval/")):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        if history:
+            rows.append((key.removeprefix("eval/"), history[0].value, history[-1].value, history[0].step, history[-1].step))
+    return rows
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The command and URL that show this run."""
+    # MLflow 3.17's UI opens in its GenAI view whatever the experiment's tag says; the URL parameter
+    # selects the model-training view.
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    local = f"http://127.0.0.1:5000/{page}"
+    repo_db = Path.cwd() / "mlflow.db"
+    if tracking_uri == f"sqlite:///{repo_db}" and (Path.cwd() / "Makefile").is_file():
+        return f"make ui, then {local}"
+    return f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {tracking_uri}, then {local}"
+
+
+def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: Optional[str] = None) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(outcome.mlflow_run_id)
+    steps = int(outcome.metrics.get("step", 0)) or None
+    lines = [f"[alignprop] done: run {outcome.run_name}" + (f", {steps} steps" if steps else "")
+             + f", mlflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}"]
+    changes = held_out_changes(client, outcome.mlflow_run_id)
+    if changes:
+        first, last = changes[0][3], changes[0][4]
+        cells = [f"{name} {a:.4f} → {b:.4f} ({b - a:+.4f})" for name, a, b, _, _ in changes]
+        lines.append(f"  held-out rewards (eval/, step {first} → {last}): " + "; ".join(cells))
+    lora = "lora/final" if any(a.path == "lora/final" for a in client.list_artifacts(outcome.mlflow_run_id, "lora")) else None
+    if lora:
+        lines.append(f"  LoRA: runs:/{outcome.mlflow_run_id}/{lora}" + (f"   MLflow Model: {model_uri}" if model_uri else "")
+                     + (f" (registered: {registered})" if registered else ""))
+    lines.append(f"[alignprop] last checkpoint: {outcome.checkpoint_path}")
+    lines.append(f"  UI: {ui_hint(outcome.tracking_uri, run.info.experiment_id, outcome.mlflow_run_id)}")
+    return lines
+
+
+def print_summary(outcome: Any) -> None:
+    try:
+        lines = closing_summary(outcome, getattr(outcome, "model_uri", None), getattr(outcome, "registered", None))
+    except Exception as err:  # the run is done; a tracking hiccup must not turn it into an error
+        lines = [f"[alignprop] done: run {outcome.run_name}, mlflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}",
+                 f"[alignprop] last checkpoint: {outcome.checkpoint_path}", f"  (summary unavailable: {err})"]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,109 @@
+"""A clean console: the known noise of the stack is dropped (and nothing else), and `alignprop
+train` ends with a summary that names the held-out rewards before → after, the LoRA and the UI."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from alignprop.platform.quiet import filter_ray_worker_logs, is_noise, quiet_known_noise
+from alignprop.platform.run_summary import closing_summary, ui_hint
+
+# Lines a tiny-cpu demo printed before (2026-11-26), verbatim.
+MEASURED_NOISE = [
+    "[transformers] `CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` "
+    "for backward compatibility. Install torchvision to use the default backend, or import `CLIPImageProcessorPil` "
+    "directly to silence this warning.",
+    "[2026-11-26 11:53:24,779] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. "
+    "If you have GPU or other accelerator, we were unable to detect it.",
+    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+    "[2026-11-26 11:53:14,960 E 25227 25287] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+    "'13e8fe6104e1f19eb7fbbc1301000000' has constructor arguments in the object store and max_restarts > 0. If the "
+    "arguments in the object store go out of scope or are lost, the actor restart will fail.",
+    "Requesting resources: {'CPU': 0.49} * 2",
+    "Attempting to start training worker group of size 2 with the following resources: [{'CPU': 0.49}] * 2",
+    "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/tmp/con/ray_results/x/checkpoint_1)",
+    "\r",
+]
+REAL = [
+    "UserWarning: The given NumPy array is not writable",
+    "[2026-11-26 11:53:24,779] [WARNING] [engine.py:1] gradient overflow, skipping step",
+    "Started training worker group of size 2: ",
+    "alignprop: error: truncation.k: got 99; accepted: 1 <= k <= sampling.num_steps (10)",
+    "ConnectionError: Found multiple active Ray instances",
+]
+
+
+@pytest.mark.parametrize("line", MEASURED_NOISE)
+def test_known_noise_is_dropped(line):
+    assert is_noise(line)
+
+
+@pytest.mark.parametrize("line", REAL)
+def test_real_messages_are_kept(line):
+    assert not is_noise(line)
+
+
+def test_filters_act_where_the_noise_is_raised(caplog):
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent
+    assert sum(type(f).__name__ == "_DropKnownNoise" for f in logging.getLogger("DeepSpeed").filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logging.getLogger("DeepSpeed").warning("gradient overflow, skipping step")
+    assert [r.getMessage() for r in caplog.records] == ["gradient overflow, skipping step"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # over pytest's own FutureWarning filter
+        quiet_known_noise()  # placed before it
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("a real deprecation", FutureWarning)
+    assert [str(w.message) for w in caught] == ["a real deprecation"]
+
+
+def test_ray_log_filter_drops_noise_lines_and_keeps_the_rest():
+    from ray._private import worker as ray_worker
+
+    dispatcher, printed = ray_worker.global_worker_stdstream_dispatcher, []
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.append(data["lines"]))
+    try:
+        filter_ray_worker_logs()
+        filter_ray_worker_logs()  # wraps once
+        dispatcher.emit({"lines": MEASURED_NOISE + REAL[:2], "pid": 1, "is_err": True})
+        dispatcher.emit({"lines": MEASURED_NOISE[:2], "pid": 1, "is_err": True})
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+    assert printed == [REAL[:2]]
+
+
+def test_closing_summary_names_rewards_before_after_lora_and_ui(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x"))
+    run_id = run.info.run_id
+    for step, value in ((0, 0.5), (2, 0.55), (4, 0.6)):
+        client.log_metric(run_id, "eval/brightness", value, step=step)
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter.json").write_text("{}")
+    client.log_artifacts(run_id, str(tmp_path / "lora"), "lora/final")
+    outcome = SimpleNamespace(run_name="demo", mlflow_run_id=run_id, tracking_uri=uri, checkpoint_path="/ckpt/checkpoint_4",
+                              metrics={"step": 4})
+    text = "\n".join(closing_summary(outcome, f"runs:/{run_id}/model", "demo-model v1"))
+    assert "run demo, 4 steps" in text
+    assert "brightness 0.5000 → 0.6000 (+0.1000)" in text and "step 0 → 4" in text
+    assert f"LoRA: runs:/{run_id}/lora/final" in text and f"runs:/{run_id}/model" in text and "demo-model v1" in text
+    assert "[alignprop] last checkpoint: /ckpt/checkpoint_4" in text
+    assert f"--backend-store-uri {uri}" in text and f"#/experiments/{run.info.experiment_id}/runs/{run_id}" in text
+
+
+def test_ui_hint_points_at_make_ui_for_the_repo_db_and_at_a_server_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Makefile").write_text("ui:\n")
+    assert ui_hint(f"sqlite:///{tmp_path}/mlflow.db", "1", "abc").startswith("make ui, then http://127.0.0.1:5000/")
+    assert ui_hint("http://10.0.0.2:5000/", "3", "abc") == "http://10.0.0.2:5000/#/experiments/3/runs/abc?workflowType=machine_learning"

@@ -1,0 +1,216 @@
+"""An MLflow Model per run: `log_run_model` on a tiny-pipeline LoRA in a sqlite store (no training
+run), loaded through runs:/ and models:/NAME@best, sampled by `alignprop sample`, and served by
+`mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from alignprop.platform.config import ConfigError, LoraSection, load_config, to_yaml
+from alignprop.platform.mlflow_model import decode_image, log_run_model, mlflow_uris, register_model
+from alignprop.platform.models import add_lora, build_tiny_pipeline, load_pipeline, save_lora
+from conftest import VENV_BIN, free_port, subprocess_env
+from test_cli_errors import run_cli
+
+OVERRIDES = ["sampling.num_steps=4", "truncation.k=4"]  # tiny-cpu, 4 DDIM steps: fast and still a real pipeline
+PROMPTS = ["a photo of a cat", "a photo of a dog"]
+
+
+def render(pipe, prompt: str, seed: int, cfg) -> np.ndarray:
+    """What `alignprop sample` and the Model's predict do for one prompt (uint8 H×W×3)."""
+    s = cfg.sampling
+    image = pipe(prompt, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
+                 height=s.resolution, width=s.resolution, generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+    return np.asarray(image)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A run (sqlite store) holding a tiny-pipeline LoRA with nonzero B at lora/final and the run's
+    config.yaml, and its Model logged from an empty cwd (which must stay empty)."""
+    from mlflow import MlflowClient
+
+    root, cwd = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("cwd")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("tiny-cpu", artifact_location=(root / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    cfg = load_config("tiny-cpu", OVERRIDES)
+    pipe = build_tiny_pipeline()
+    add_lora(pipe.unet, LoraSection(rank=cfg.lora.rank, alpha=cfg.lora.alpha))
+    torch.manual_seed(0)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    save_lora(pipe.unet, root / "lora")
+    client.log_artifacts(run_id, str(root / "lora"), "lora/final")
+    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    import mlflow
+
+    before, here = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")), os.getcwd()
+    os.chdir(cwd)
+    try:
+        started = time.monotonic()
+        model_uri = log_run_model(uri, run_id)
+        seconds = time.monotonic() - started
+    finally:
+        os.chdir(here)
+    assert list(cwd.iterdir()) == [], "logging the Model wrote into the cwd"
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
+    client.set_terminated(run_id)
+    print(f"\n[mlflow-model] log_run_model {seconds:.1f} s")
+    return {"uri": uri, "client": client, "run_id": run_id, "model_uri": model_uri, "cfg": cfg, "root": root}
+
+
+def predict(model_uri: str, uri: str, prompts=PROMPTS, **params) -> pd.DataFrame:
+    import mlflow
+
+    with mlflow_uris(uri):
+        model = mlflow.pyfunc.load_model(model_uri)
+    return model.predict(pd.DataFrame({"prompt": prompts}), params=params or None)
+
+
+def test_runs_uri_loads_a_pyfunc_whose_images_carry_the_lora(logged):
+    assert logged["model_uri"] == f"runs:/{logged['run_id']}/model"
+    out = predict(logged["model_uri"], logged["uri"])
+    assert list(out.columns) == ["prompt", "seed", "image"] and list(out.prompt) == PROMPTS and list(out.seed) == [0, 1]
+    images = [np.asarray(decode_image(x)) for x in out.image]
+    assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in images)
+    cfg = logged["cfg"]
+    base = load_pipeline(cfg.model)
+    with_lora = load_pipeline(cfg.model)
+    with_lora.load_lora_weights(str(logged["root"] / "lora"))
+    for i, (prompt, image) in enumerate(zip(PROMPTS, images)):
+        assert np.array_equal(image, render(with_lora, prompt, i, cfg)), "predict = the base pipeline + the run's LoRA"
+        assert np.abs(image.astype(int) - render(base, prompt, i, cfg)).max() > 0, "the LoRA changes the image"
+    reseeded = predict(logged["model_uri"], logged["uri"], PROMPTS[:1], seed=7)
+    assert list(reseeded.seed) == [7] and np.array_equal(np.asarray(decode_image(reseeded.image[0])), render(with_lora, PROMPTS[0], 7, cfg))
+
+
+def test_the_model_is_code_not_a_pickle_and_self_contained(logged, tmp_path):
+    """Models from code (nothing to unpickle); the LoRA and the run's config inside; pinned requirements."""
+    import mlflow.artifacts
+    import yaml
+
+    with mlflow_uris(logged["uri"]):
+        local = Path(mlflow.artifacts.download_artifacts(logged["model_uri"], dst_path=str(tmp_path)))
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".bin", ".pickle"))], files
+    assert {"MLmodel", "alignprop_model.py", "requirements.txt", "artifacts/config.yaml",
+            "artifacts/lora/pytorch_lora_weights.safetensors"} <= set(files), files
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    requirements = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("alignprop-platform==") for r in requirements) and any(r.startswith("diffusers==") for r in requirements)
+    # Loading it from the directory alone (no tracking server) works: it carries the config.
+    model = mlflow.pyfunc.load_model(str(local))
+    assert len(model.predict(pd.DataFrame({"prompt": ["a cat"]}))) == 1
+
+
+def test_register_sets_alias_best_and_models_uri_loads(logged):
+    import mlflow
+
+    first = register_model(logged["uri"], "tiny-sd", logged["run_id"])
+    second = register_model(logged["uri"], "tiny-sd", logged["run_id"])
+    assert (first, second) == ("models:/tiny-sd/1", "models:/tiny-sd/2")
+    from mlflow import MlflowClient
+
+    registry = MlflowClient(logged["uri"], registry_uri=logged["uri"])
+    version = registry.get_model_version_by_alias("tiny-sd", "best")
+    assert str(version.version) == "2" and version.run_id == logged["run_id"]
+    by_alias = predict("models:/tiny-sd@best", logged["uri"], PROMPTS[:1])
+    by_run = predict(logged["model_uri"], logged["uri"], PROMPTS[:1])
+    assert by_alias.image[0] == by_run.image[0]
+    with pytest.raises(ConfigError) as err:
+        register_model(logged["uri"], "no/slashes", logged["run_id"])
+    assert str(err.value).startswith("--register: got 'no/slashes'; accepted:") and "\n" not in str(err.value)
+    bare = logged["client"].create_run(logged["client"].get_experiment_by_name("tiny-cpu").experiment_id).info.run_id
+    with pytest.raises(ConfigError, match="has no MLflow Model named 'model'"):
+        register_model(logged["uri"], "tiny-sd", bare)
+    assert mlflow.get_registry_uri() != logged["uri"], "global MLflow state restored"
+
+
+def test_sample_cli_takes_a_models_uri_and_writes_only_its_outputs(logged, tmp_path):
+    register_model(logged["uri"], "sampled", logged["run_id"])
+    proc = run_cli(["sample", "--config", "tiny-cpu", *OVERRIDES, "--lora", "models:/sampled@best", "--tracking-uri", logged["uri"],
+                    "--prompt", PROMPTS[0], "--out", "samples"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["samples", "samples/base_00.png", "samples/lora_00.png"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "samples" / "lora_00.png") as png:
+        sampled = np.asarray(png.convert("RGB"))
+    predicted = predict("models:/sampled@best", logged["uri"], PROMPTS[:1])
+    assert np.array_equal(sampled, np.asarray(decode_image(predicted.image[0]))), "sample and predict agree, seed for seed"
+
+
+def test_sample_resolves_runs_model_uri_to_the_lora_inside(logged, monkeypatch, tmp_path):
+    from alignprop.platform.sample import resolve_lora
+
+    monkeypatch.chdir(tmp_path)
+    path = resolve_lora(logged["model_uri"], logged["uri"])
+    assert path.name == "lora" and (path / "pytorch_lora_weights.safetensors").is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mlflow_models_serve_answers_invocations_with_images(logged, tmp_path):
+    """The real `mlflow models serve` (14-18 s here, so not marked slow): JSON in, base64 PNGs out,
+    equal to predict in this process."""
+    port = free_port()
+    started = time.monotonic()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", logged["model_uri"], "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=tmp_path, env=subprocess_env(MLFLOW_TRACKING_URI=logged["uri"]), start_new_session=True,
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+    )
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    try:
+        while True:  # readiness: /ping answers 200 once the model is loaded
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)  # polling with a deadline, not a sleep-as-sync
+        ready = time.monotonic() - started
+        body = {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]}, "params": {"seed": 3}}
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            predictions = json.loads(reply.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    print(f"\n[mlflow-model] serve ready after {ready:.1f} s, total {time.monotonic() - started:.1f} s")
+    assert [p["prompt"] for p in predictions] == PROMPTS and [p["seed"] for p in predictions] == [3, 4]
+    served = [np.asarray(decode_image(p["image"])) for p in predictions]
+    local = predict(logged["model_uri"], logged["uri"], seed=3)
+    assert all(np.array_equal(a, np.asarray(decode_image(b))) for a, b in zip(served, local.image))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve.log"], "serving wrote into its cwd"
+
+
+@pytest.mark.parametrize("command", [["train"], ["tune", "--space", "tiny-smoke"]])
+def test_register_name_is_checked_before_anything_starts(command, tmp_path, monkeypatch):
+    import ray
+
+    from test_cli_errors import assert_one_error_line
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    proc = run_cli([*command, "--config", "tiny-cpu", "--register", "models:/x", f"ray.storage_path={tmp_path}/ray"], tmp_path)
+    message = assert_one_error_line(proc, "--register: got 'models:/x'; accepted: a registered model name of letters, digits")
+    assert "\n" not in message and list(tmp_path.iterdir()) == []
