@@ -72,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         recipe = AlignPropRecipe(cfg, WorkerContext(
             rank=context.get_world_rank(), world_size=context.get_world_size(),
             device=ray.train.torch.get_device(), report=report, resume_dir=resume_dir,
-            tracking_uri=config["tracking_uri"], run_id=config["run_id"],
+            tracking_uri=config["tracking_uri"], run_id=config["run_id"], progress_lines=config.get("progress_lines", False),
         )).setup()
     recipe.train()
 
@@ -193,6 +193,7 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "progress_lines": not sys.stderr.isatty(),  # where the driver prints what rank 0 does
                            "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None,
                            "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
                                             if cfg.trainer.eval_prompt_file else None)},

@@ -30,6 +30,8 @@ KNOWN_NOISE: list[tuple[str, str]] = [
      "every rank, every checkpoint; the closing summary names the last one"),
     (r"Creating initial MLflow database tables|^Updating database tables$",
      "MLflow creating a new sqlite store"),
+    (r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
+     "raylet, when a sweep starts its Tune and Train actors at once on a small machine"),
 ]
 _NOISE = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_NOISE))
 # A FutureWarning torch raises for the collective DeepSpeed calls in ZeRO (not our code).
@@ -74,6 +76,20 @@ def filter_ray_worker_logs() -> None:
     with dispatcher._lock:
         dispatcher.handlers = [(name, handler if name != "ray_print_logs" or getattr(handler, "_alignprop", False)
                                 else _filtered(handler)) for name, handler in handlers]
+    # The raylet's warnings reach the driver through another thread that calls the module's printer.
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is not None and not getattr(printer, "_alignprop", False):
+        ray_worker.print_to_stdstream = _filtered_printer(printer)
+
+
+def _filtered_printer(printer):
+    def print_lines(data, ignore_prefix: bool):
+        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix)
+
+    print_lines._alignprop = True
+    return print_lines
 
 
 def _filtered(handler):

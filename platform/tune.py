@@ -20,6 +20,7 @@ from alignprop.platform.config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, Ru
 from alignprop.platform.launch import (build_trainer, check_local_resources, init_ray, ray_address, resolve_storage_path,
                                        resolved_tracking_uri, wait_for_cluster_resources)
 from alignprop.platform.sweep_space import SweepSpec, apply_params, tune_domain
+from alignprop.platform.quiet import close_progress_bars
 from alignprop.platform.tracking import probe_tracking_uri, prompt_sets, run_context_tags, run_lock, tracked_run
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
@@ -159,4 +160,6 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
                                       failure_config=tune.FailureConfig(max_failures=trial_retries),
                                       callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
         )
-    return summarize(tuner.fit(), spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)
+    results = tuner.fit()
+    close_progress_bars()
+    return summarize(results, spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)

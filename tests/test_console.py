@@ -25,6 +25,8 @@ MEASURED_NOISE = [
     "Requesting resources: {'CPU': 0.49} * 2",
     "Attempting to start training worker group of size 2 with the following resources: [{'CPU': 0.49}] * 2",
     "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/tmp/con/ray_results/x/checkpoint_1)",
+    "WARNING: 8 PYTHON worker processes have been started on node: 7589 with address: 127.0.0.1, which is 4x the "
+    "maximum expected startup concurrency (2). This could be a result of using a large number of actors.",
     "\r",
 ]
 REAL = [
@@ -75,6 +77,7 @@ def test_ray_log_filter_drops_noise_lines_and_keeps_the_rest():
     finally:
         dispatcher.remove_handler("ray_print_logs")
     assert printed == [REAL[:2]]
+    assert getattr(ray_worker.print_to_stdstream, "_alignprop", False), "the raylet's warnings are filtered too"
 
 
 def test_closing_summary_names_rewards_before_after_lora_and_ui(tmp_path, monkeypatch):

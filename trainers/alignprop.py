@@ -50,6 +50,7 @@ class WorkerContext:
     tracking_uri: Optional[str] = None
     run_id: Optional[str] = None
     progress: bool = True
+    progress_lines: bool = False  # the driver's console is no terminal (logs, `ray job submit`): lines, no bar
 
 
 def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
@@ -296,7 +297,8 @@ class AlignPropRecipe:
             print(f"[alignprop] resumed at step {self.step} of {cfg.max_steps} from {self.ctx.resume_dir}"
                   + ("; nothing left to train (raise trainer.max_steps, or set tracking.run_name for a new run)" if done else ""),
                   flush=True)
-        bar = progress_bar(cfg.max_steps, self.step, enabled=self.ctx.rank == 0 and self.ctx.progress)
+        bar = progress_bar(cfg.max_steps, self.step, enabled=self.ctx.rank == 0 and self.ctx.progress,
+                           lines=self.ctx.progress_lines)
         if self.step == 0 and cfg.eval_every and self.ctx.rank == 0:  # the base model's baseline
             self.last_eval = self.evaluate(0)
             self.tracker.log_metrics(self.last_eval, 0)
@@ -331,15 +333,37 @@ class AlignPropRecipe:
         return metrics
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
+class ProgressLines:
+    """A bar for consoles that are no terminal: one line every tenth of the run and at the end."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.n, self.desc, self.start, self.first = total, initial, "alignprop", time.monotonic(), initial
+        self.every = max(1, total // 10)
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n >= self.total:
+            per_step = (time.monotonic() - self.start) / max(1, self.n - self.first)
+            print(f"[{self.desc}] step {self.n}/{self.total} ({per_step:.2f} s/step)", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool, lines: bool = False):
     """Rank 0's bar. In a Ray worker, Ray's tqdm: the driver draws it as one bar (plain tqdm's
-    carriage-return updates arrive there as a new line each)."""
+    carriage-return updates arrive there as a new line each); `lines` where no terminal shows it."""
     from tqdm.auto import tqdm
 
     import ray
 
     if not enabled:
         return tqdm(total=total, disable=True)
+    if lines:
+        return ProgressLines(total, initial)
     if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
