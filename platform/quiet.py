@@ -30,6 +30,9 @@ KNOWN_NOISE: list[tuple[str, str]] = [
      "every rank, every checkpoint; the closing summary names the last one"),
     (r"Creating initial MLflow database tables|^Updating database tables$",
      "MLflow creating a new sqlite store"),
+    (r"^A run snapshot was found in storage folder at: |^This snapshot contains a list of checkpoints reported via"
+     r"|^If you meant to start a brand new training job without any information about previous checkpoints",
+     "Ray Train resuming a run name; ours prints 'resumed at step N' (a new run: tracking.run_name)"),
     (r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
      "raylet, when a sweep starts its Tune and Train actors at once on a small machine"),
 ]

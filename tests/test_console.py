@@ -27,6 +27,10 @@ MEASURED_NOISE = [
     "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/tmp/con/ray_results/x/checkpoint_1)",
     "WARNING: 8 PYTHON worker processes have been started on node: 7589 with address: 127.0.0.1, which is 4x the "
     "maximum expected startup concurrency (2). This could be a result of using a large number of actors.",
+    "A run snapshot was found in storage folder at: '/tmp/con/ray_results/tiny-cpu-02f14d19'",
+    "This snapshot contains a list of checkpoints reported via `ray.train.report` and will be loaded.",
+    "If you meant to start a brand new training job without any information about previous checkpoints found in "
+    "this directory, please configure a new, unique `RunConfig(name)` or delete the existing folder.",
     "\r",
 ]
 REAL = [

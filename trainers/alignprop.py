@@ -15,6 +15,7 @@ import json
 import math
 import random
 import resource
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -296,7 +297,7 @@ class AlignPropRecipe:
             done = self.step >= cfg.max_steps or self.early_stop.get("stopped")
             print(f"[alignprop] resumed at step {self.step} of {cfg.max_steps} from {self.ctx.resume_dir}"
                   + ("; nothing left to train (raise trainer.max_steps, or set tracking.run_name for a new run)" if done else ""),
-                  flush=True)
+                  file=sys.__stdout__, flush=True)
         bar = progress_bar(cfg.max_steps, self.step, enabled=self.ctx.rank == 0 and self.ctx.progress,
                            lines=self.ctx.progress_lines)
         if self.step == 0 and cfg.eval_every and self.ctx.rank == 0:  # the base model's baseline
@@ -347,7 +348,9 @@ class ProgressLines:
         self.n += n
         if self.n % self.every == 0 or self.n >= self.total:
             per_step = (time.monotonic() - self.start) / max(1, self.n - self.first)
-            print(f"[{self.desc}] step {self.n}/{self.total} ({per_step:.2f} s/step)", flush=True)
+            # sys.__stdout__: Ray Train's print patch tees a print to a wrapped sys.stdout and logs it
+            # to the console as well (every line twice on the driver); this file it prints once.
+            print(f"[{self.desc}] step {self.n}/{self.total} ({per_step:.2f} s/step)", file=sys.__stdout__, flush=True)
 
     def close(self) -> None:
         pass
