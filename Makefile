@@ -1,4 +1,4 @@
-# make demo   — set up .venv and train the tiny preset through Ray Train + DeepSpeed, tracked in ./mlflow.db
+# make demo   — set up .venv and align the pretrained toy-world pipeline to its count reward (toy-count) through Ray Train + DeepSpeed, tracked in ./mlflow.db
 # make test   — set up .venv and run the test suite
 # Setup is idempotent: .venv/.installed is rebuilt only when pyproject.toml changes.
 PYTHON ?= python3
@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/alignprop train --config tiny-cpu
+	$(VENV)/bin/alignprop train --config toy-count
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=10 tests

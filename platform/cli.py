@@ -8,6 +8,7 @@
     alignprop tiny-model DIR                                # save the tiny offline pipeline
     alignprop rewards list                                  # rewards, what they load, whether weights are here
     alignprop presets                                       # list the shipped presets
+    alignprop toy-world build DIR | path | eval [DIR]       # the pretrained toy world (platform/toy_world_cli.py)
 
 Config errors are one line naming the field, printed before Ray starts (exit code 2).
 """
@@ -77,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the shipped presets")
     rewards = sub.add_parser("rewards", help="reward models: `alignprop rewards list`")
     rewards.add_argument("action", choices=["list"])
+    from alignprop.platform.toy_world_cli import add_parser as add_toy_world_parser
+
+    add_toy_world_parser(sub)
     return parser
 
 
@@ -99,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
             for row in describe_rewards():
                 print(f"{row['name']:<16} {row['needs']}\n{'':<16} weights: {row['weights']}")
+        elif args.command == "toy-world":
+            from alignprop.platform.toy_world_cli import run as run_toy_world
+
+            run_toy_world(args)
         elif args.command == "tiny-model":
             from alignprop.platform.models import save_tiny_pipeline
 

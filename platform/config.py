@@ -30,13 +30,16 @@ SAFE_NAME_TEXT = "letters, digits and . _ + - (at most 128, not starting with . 
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
+TOY_WORLD_MODEL = "toy-world"  # model.pretrained naming the shipped toy-world pipeline
+
+
 class ConfigError(ValueError):
     """A bad config value; the message names the field and the accepted values."""
 
 
 @dataclass
 class ModelSection:
-    pretrained: Optional[str] = None  # hub id or local diffusers directory
+    pretrained: Optional[str] = None  # hub id, local diffusers directory, or toy-world (the shipped toy pipeline)
     tiny: bool = False  # build the tiny offline pipeline instead
     revision: Optional[str] = None
     dtype: str = "float32"  # frozen VAE / text encoder / UNet weights
@@ -422,7 +425,18 @@ def check_paths(cfg: RunConfig) -> None:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+def model_path(name: str) -> str:
+    """`toy-world` → the shipped toy-world pipeline's directory (resolved where it is loaded: the
+    package may sit elsewhere on each node); anything else as given."""
+    if name == TOY_WORLD_MODEL:
+        from alignprop.platform.toy_world import SHIPPED_DIR
+
+        return str(SHIPPED_DIR)
+    return name
+
+
 def _check_pretrained(name: str) -> None:
+    name = model_path(name)
     path = Path(name).expanduser()
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1
     if path.exists() or looks_local:
@@ -430,7 +444,7 @@ def _check_pretrained(name: str) -> None:
         _check((path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file(), "model.pretrained",
                f"{name!r} is not a diffusers pipeline directory (no model_index.json and unet/config.json); accepted: a directory written by save_pretrained, e.g. alignprop tiny-model DIR")
     else:
-        _check(bool(_HUB_ID.fullmatch(name)), "model.pretrained", f"got {name!r}; accepted: a local pipeline directory or a hub id <org>/<name>")
+        _check(bool(_HUB_ID.fullmatch(name)), "model.pretrained", f"got {name!r}; accepted: a local pipeline directory, a hub id <org>/<name>, or {TOY_WORLD_MODEL}")
 
 
 def _check_target_modules(cfg: RunConfig) -> None:

@@ -25,7 +25,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop.platform.config import LoraSection, ModelSection
+from alignprop.platform.config import LoraSection, ModelSection, model_path
+from alignprop.platform.quiet import loading_bars_off
 
 TINY_SEED = 0  # the tiny pipeline's weights are a pure function of this seed: every worker agrees
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -113,12 +114,14 @@ def load_pipeline(model: ModelSection) -> StableDiffusionPipeline:
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        local = Path(model.pretrained).expanduser().is_dir()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(Path(model.pretrained).expanduser()) if local else model.pretrained,
-            revision=model.revision, torch_dtype=dtype, safety_checker=None,
-            requires_safety_checker=False, local_files_only=local,
-        )
+        name = model_path(model.pretrained)
+        local = Path(name).expanduser().is_dir()
+        with loading_bars_off():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(Path(name).expanduser()) if local else name,
+                revision=model.revision, dtype=dtype, safety_checker=None,
+                requires_safety_checker=False, local_files_only=local,
+            )
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
@@ -161,6 +164,7 @@ def unet_module_names(tiny: bool, pretrained: str | None, revision: str | None =
     """(every module name, the distinct leaf names of its Linear layers) of the run's UNet: what
     `lora.target_modules` must match. Built on the meta device from the config alone; None for a
     hub id whose config is not in the local cache (the worker then checks)."""
+    pretrained = model_path(pretrained) if pretrained else pretrained
     path = Path(str(pretrained)).expanduser()
     try:
         if tiny:

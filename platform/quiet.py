@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import warnings
+from contextlib import contextmanager
 
 # (pattern, what it is). Each is expected and says nothing the user can act on.
 KNOWN_NOISE: list[tuple[str, str]] = [
@@ -121,3 +122,22 @@ def close_progress_bars() -> None:
                 bar.close()
             group.bars_by_uuid.clear()
         manager.bar_groups.clear()
+
+
+@contextmanager
+def loading_bars_off():
+    """diffusers' and transformers' per-call bars ("Loading pipeline components", "Loading weights",
+    "Writing model shards") off for the block: they flash by for a local pipeline and say nothing.
+    Hub downloads keep huggingface_hub's own bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in before:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in before:
+            if enabled:
+                module.enable_progress_bar()

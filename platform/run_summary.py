@@ -3,6 +3,7 @@ LoRA and the checkpoint are, and how to open the run in the MLflow UI.
 
     [alignprop] done: run tiny-cpu-02f14d19, 20 steps
       held-out (eval/, step 0 → 20):  brightness 0.5082 → 0.5190 (+0.0108)  ...
+      samples: runs:/<id>/eval/samples/step_0.png → eval/samples/step_20.png
       LoRA: runs:/<id>/lora/final   checkpoint: /abs/ray_results/<run>/checkpoint_...
       UI: make ui, then http://127.0.0.1:5000/#/experiments/1/runs/<id>
 """
@@ -51,6 +52,11 @@ def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: O
         first, last = changes[0][3], changes[0][4]
         cells = [f"{name} {a:.4f} → {b:.4f} ({b - a:+.4f})" for name, a, b, _, _ in changes]
         lines.append(f"  held-out rewards (eval/, step {first} → {last}): " + "; ".join(cells))
+    grids = sorted((int(a.path.rsplit("_", 1)[1].removesuffix(".png")), a.path)
+                   for a in client.list_artifacts(outcome.mlflow_run_id, "eval/samples") if a.path.endswith(".png"))
+    if grids:
+        lines.append(f"  samples: runs:/{outcome.mlflow_run_id}/{grids[0][1]}" +
+                     (f" → {grids[-1][1]}" if len(grids) > 1 else ""))
     lora = "lora/final" if any(a.path == "lora/final" for a in client.list_artifacts(outcome.mlflow_run_id, "lora")) else None
     if lora:
         lines.append(f"  LoRA: runs:/{outcome.mlflow_run_id}/{lora}" + (f"   MLflow Model: {model_uri}" if model_uri else "")

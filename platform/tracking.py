@@ -381,7 +381,8 @@ class Tracker:
         every param of the run above the image (pushing it out of view) and stores the file as
         `images/<key with ~>+step+N+timestamp+T+<uuid>.png` plus a webp copy."""
         if self.enabled and step > self.logged_through:
-            grid = image_grid(images, captions, min_tile=TILE_PX, gap=4)
+            columns = 4 if len(images) <= 16 else 8  # 32 toy-world tiles: 8 × 4, not a 4 × 8 tower
+            grid = image_grid(images, captions, columns=columns, min_tile=TILE_PX, gap=4)
             self.client.log_image(self.run_id, grid, artifact_file=f"{key}/step_{step}.png")
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str) -> None:

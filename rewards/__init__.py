@@ -10,7 +10,9 @@ from alignprop.rewards.aesthetic import Aesthetic
 from alignprop.rewards.compressibility import Compressibility, JpegSize, jpeg_size_bytes
 from alignprop.rewards.object_count import ObjectCount
 from alignprop.rewards.preference import HPSv2, PickScore
+from alignprop.rewards.toy import ToyColor, ToyColorMatch, ToyCount, ToyCountExact
 
 __all__ = ["Reward", "WeightedRewards", "build_reward", "build_rewards", "validate_reward_specs",
            "Brightness", "Colorfulness", "Saturation", "Aesthetic", "Compressibility", "JpegSize",
-           "jpeg_size_bytes", "ObjectCount", "HPSv2", "PickScore"]
+           "jpeg_size_bytes", "ObjectCount", "HPSv2", "PickScore", "ToyColor", "ToyColorMatch",
+           "ToyCount", "ToyCountExact"]

@@ -206,11 +206,13 @@ def _registry() -> dict[str, type[Reward]]:
     from alignprop.rewards.compressibility import Compressibility, JpegSize
     from alignprop.rewards.object_count import ObjectCount
     from alignprop.rewards.preference import HPSv2, PickScore
+    from alignprop.rewards.toy import ToyColor, ToyColorMatch, ToyCount, ToyCountExact
 
     return {
         "brightness": Brightness, "saturation": Saturation, "colorfulness": Colorfulness,
         "aesthetic": Aesthetic, "compressibility": Compressibility, "jpeg_size": JpegSize,
         "object_count": ObjectCount, "hpsv2": HPSv2, "pickscore": PickScore,
+        "toy_count": ToyCount, "toy_color": ToyColor, "toy_count_exact": ToyCountExact, "toy_color_match": ToyColorMatch,
     }
 
 

@@ -18,7 +18,7 @@ def test_every_preset_loads_and_validates(preset):
     assert (REPO / "platform" / "configs" / f"{preset}.yaml").read_text().startswith("#"), "preset header shows its command"
 
 
-def test_tiny_preset_is_the_offline_demo():
+def test_tiny_preset_runs_offline_on_two_workers():
     cfg = load_config("tiny-cpu")
     assert cfg.model.tiny and cfg.ray.num_workers == 2 and cfg.deepspeed.zero_stage == 2
 

@@ -136,5 +136,6 @@ def test_console_is_clean_and_ends_with_a_summary(trained):
         noisy = [line for line in text.splitlines() if any(w in line for w in ("Warning", "WARNING", "Traceback", "Error"))]
         assert not noisy, noisy
     assert "held-out rewards (eval/, step 0 → 4): brightness " in second.stdout
+    assert f"samples: runs:/{runs[0].info.run_id}/eval/samples/step_0.png → eval/samples/step_4.png" in second.stdout
     assert f"LoRA: runs:/{runs[0].info.run_id}/lora/final" in second.stdout
     assert "mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///" in second.stdout
