@@ -164,17 +164,23 @@ def _place(rng: np.random.Generator, count: int) -> tuple[tuple[int, int, int], 
         # rare: a crowded first draw left no room; start again from the same stream
 
 
+def caption_probs(captions: Sequence[Caption], count_weights: Sequence[float]) -> np.ndarray:
+    """Probability of each caption so that count k's share is ∝ count_weights[k − 1], whatever the
+    number of captions with that count."""
+    weights = np.array([count_weights[c.count - 1] for c in captions], dtype=np.float64)
+    per_count = {k: sum(c.count == k for c in captions) for k in range(1, len(COUNTS) + 1)}
+    weights /= np.array([per_count[c.count] for c in captions])
+    return weights / weights.sum()
+
+
 def sample_scene(rng: np.random.Generator, captions: Sequence[Caption] = TRAIN_CAPTIONS,
-                 count_weights: Sequence[float] | None = None) -> Scene:
-    """A caption drawn from `captions` (uniformly, or with the count k's share ∝ count_weights[k − 1])
-    and a random layout that matches it."""
-    if count_weights is None:
+                 probs: np.ndarray | None = None) -> Scene:
+    """A caption drawn from `captions` (uniformly, or with `probs`: `caption_probs`) and a random
+    layout that matches it."""
+    if probs is None:
         caption = captions[int(rng.integers(len(captions)))]
     else:
-        weights = np.array([count_weights[c.count - 1] for c in captions], dtype=np.float64)
-        per_count = {k: sum(c.count == k for c in captions) for k in range(1, len(COUNTS) + 1)}
-        weights /= np.array([per_count[c.count] for c in captions])  # a count's share, whatever its caption count
-        caption = captions[int(rng.choice(len(captions), p=weights / weights.sum()))]
+        caption = captions[int(rng.choice(len(captions), p=probs))]
     return Scene(caption, _place(rng, caption.count))
 
 
@@ -203,7 +209,8 @@ def batch(seed: int | Sequence[int], n: int, captions: Sequence[Caption] = TRAIN
           count_weights: Sequence[float] | None = None) -> tuple[list[Scene], np.ndarray]:
     """n scenes and their images (n×SIZE×SIZE×3 uint8) from `np.random.default_rng(seed)`."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, captions, count_weights) for _ in range(n)]
+    probs = None if count_weights is None else caption_probs(captions, count_weights)
+    scenes = [sample_scene(rng, captions, probs) for _ in range(n)]
     return scenes, np.stack([render(s) for s in scenes])
 
 

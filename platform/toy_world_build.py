@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -437,11 +438,27 @@ def _save_pipeline(run: _Run) -> list[dict]:
     )
     with loading_bars_off():
         shipped.save_pretrained(run.out, safe_serialization=True)
-    rows = []
-    for path in sorted(p for d in WEIGHT_DIRS for p in (run.out / d).glob("*.safetensors")):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        rows.append({"file": str(path.relative_to(run.out)), "bytes": path.stat().st_size, "sha256": digest})
-    return rows
+    return file_rows(run.out, sorted(p for d in WEIGHT_DIRS for p in (run.out / d).glob("*.safetensors")))
+
+
+def file_rows(root: Path, paths: list[Path]) -> list[dict]:
+    """[{file (relative to root), bytes, sha256}] of written weight files."""
+    return [{"file": str(p.relative_to(root)), "bytes": p.stat().st_size,
+             "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in paths]
+
+
+def file_table(rows: list[dict]) -> str:
+    """BUILD.md's markdown table of `file_rows`."""
+    body = "\n".join(f"| `{r['file']}` | {r['bytes']:,} | `{r['sha256']}` |" for r in rows)
+    return f"| file | bytes | sha256 |\n|---|---|---|\n{body}"
+
+
+def write_build_section(directory: Path, heading: str, body: str, title: str) -> None:
+    """Write (or replace) the `## heading` section of DIR/BUILD.md, at its end (`title`: a new file's)."""
+    build_md = Path(directory) / "BUILD.md"
+    text = build_md.read_text() if build_md.exists() else f"# {title}\n"
+    text = re.sub(rf"\n## {re.escape(heading)}\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip("\n")
+    build_md.write_text(f"{text}\n\n## {heading}\n\n{body}\n")
 
 
 @dataclass
@@ -481,7 +498,6 @@ def _objective(options: dict) -> str:
 
 def build_markdown(result: BuildResult, command: str) -> str:
     r, o = result.record, result.record["options"]
-    rows = "\n".join(f"| `{f['file']}` | {f['bytes']:,} | `{f['sha256']}` |" for f in result.files)
     return f"""# Toy-world pipeline
 
 The tiny SD-shaped pipeline of `platform/models.py` (stock UNet and VAE, the stock frozen text
@@ -509,9 +525,7 @@ step and the thread count from each step on), and
 | wall time | {r['elapsed_s'] / 60:.1f} min in {r['sessions']} session(s) |
 | quick judge | {result.quick_eval or 'not run'} |
 
-| file | bytes | sha256 |
-|---|---|---|
-{rows}
+{file_table(result.files)}
 """
 
 

@@ -12,7 +12,6 @@ judge's colour match and count accuracy; `--record` writes them into DIR/BUILD.m
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from alignprop.platform.toy_judge import evaluate, grid
     from alignprop.platform.toy_world import HELDOUT_CAPTIONS
-    from alignprop.platform.toy_world_build import load_toy_pipeline
+    from alignprop.platform.toy_world_build import load_toy_pipeline, write_build_section
 
     directory = Path(args.dir or SHIPPED_DIR)
     if not (directory / "model_index.json").exists():
@@ -106,8 +105,5 @@ def _evaluate(args: argparse.Namespace) -> None:
         grid(report.images[:32], captions=report.prompts[:32]).save(args.grid)
         print(args.grid)
     if args.record:
-        build_md = directory / "BUILD.md"
-        text = build_md.read_text() if build_md.exists() else "# Toy-world pipeline\n"
-        text = re.sub(r"\n## Quality bar\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip("\n")
-        build_md.write_text(f"{text}\n\n## Quality bar\n\n`alignprop toy-world eval {shown_path(directory)} --prompts {args.prompts} "
-                            f"--seeds {args.seeds}`: {line}\n")
+        write_build_section(directory, "Quality bar", f"`alignprop toy-world eval {shown_path(directory)} --prompts "
+                                                      f"{args.prompts} --seeds {args.seeds}`: {line}", "Toy-world pipeline")

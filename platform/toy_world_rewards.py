@@ -14,8 +14,6 @@ the weights are fp16 safetensors with their sha256 in DIR/BUILD.md.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from alignprop.platform.toy_world import BACKGROUNDS, COLOURS, SIZE, all_captions, batch, shown_path
-from alignprop.rewards.toy import ToyNet
+from alignprop.platform.toy_world_build import file_rows, file_table, load_toy_pipeline, write_build_section
+from alignprop.rewards.toy import ToyNet, colour_probs, count_density
 
 BLANK_SHARE = 0.05
 BLOB_SIGMA_PX = 2.0  # spread of one object's count mass around its centre
@@ -88,7 +87,7 @@ def augment(x: torch.Tensor, vae, generator: torch.Generator) -> torch.Tensor:
 
 
 def _losses(count_net: ToyNet, colour_net: ToyNet, x: torch.Tensor, truth: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    density = F.softplus(count_net(x)[:, 0])
+    density = count_density(count_net, x)
     count_loss = F.smooth_l1_loss(density.sum((1, 2)), truth.density.sum((1, 2))) + 100 * F.mse_loss(density, truth.density)
     log_probs = colour_net(x).log_softmax(1)
     colour_loss = -(truth.coverage * log_probs).sum(1).mean()
@@ -98,8 +97,6 @@ def _losses(count_net: ToyNet, colour_net: ToyNet, x: torch.Tensor, truth: Batch
 def train_rewards(directory: str | Path, seed: int = 0, budget_min: float = 3.0, batch_size: int = 64) -> str:
     """Train both CNNs for `budget_min` minutes, save fp16 safetensors, record them in BUILD.md;
     returns a summary (held-out error of each on fresh VAE-decoded images)."""
-    from alignprop.platform.toy_world_build import load_toy_pipeline
-
     out = Path(directory)
     vae = load_toy_pipeline(out).vae if (out / "model_index.json").exists() else None
     torch.manual_seed(seed)
@@ -130,10 +127,10 @@ def train_rewards(directory: str | Path, seed: int = 0, budget_min: float = 3.0,
 def heldout_errors(count_net: ToyNet, colour_net: ToyNet, vae, seed: int, n: int = 512) -> str:
     truth = ground_truth([seed, 12], n)
     x = augment(truth.images, vae, torch.Generator().manual_seed(seed + 12))
-    count = F.softplus(count_net(x)[:, 0]).sum((1, 2))
+    count = count_density(count_net, x).sum((1, 2))
     exact = (count.round() == truth.density.sum((1, 2)).round()).float().mean()
     mae = (count - truth.density.sum((1, 2))).abs().mean()
-    share = colour_net(x).softmax(1).mean((2, 3))
+    share = colour_probs(colour_net, x).mean((2, 3))
     share_err = (share - truth.coverage.mean((2, 3))).abs()[:, :-1].sum(1).mean()
     return (f"held-out images: count MAE {mae:.3f}, rounded count exact {exact:.1%}; "
             f"colour shares mean |error| {share_err:.3f} (sum over colours)")
@@ -142,28 +139,14 @@ def heldout_errors(count_net: ToyNet, colour_net: ToyNet, vae, seed: int, n: int
 def _save(out: Path, count_net: ToyNet, colour_net: ToyNet) -> list[dict]:
     folder = out / "rewards"
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    paths = []
     for name, net in (("toy_count", count_net), ("toy_color", colour_net)):
-        path = folder / f"{name}.safetensors"
-        save_file({k: v.detach().half().contiguous() for k, v in net.state_dict().items()}, str(path))
-        rows.append({"file": str(path.relative_to(out)), "bytes": path.stat().st_size,
-                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    return rows
+        paths.append(folder / f"{name}.safetensors")
+        save_file({k: v.detach().half().contiguous() for k, v in net.state_dict().items()}, str(paths[-1]))
+    return file_rows(out, paths)
 
 
 def _record(out: Path, rows: list[dict], summary: str, seed: int, budget_min: float) -> None:
     """Write (or replace) the reward models' section of DIR/BUILD.md."""
-    build_md = out / "BUILD.md"
-    text = build_md.read_text() if build_md.exists() else "# Toy world\n"
-    text = re.sub(r"\n## Reward models\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip("\n")
-    table = "\n".join(f"| `{r['file']}` | {r['bytes']:,} | `{r['sha256']}` |" for r in rows)
-    build_md.write_text(f"""{text}
-
-## Reward models
-
-`alignprop toy-world build-rewards {shown_path(out)} --seed {seed} --budget-min {budget_min:g}`: {summary}
-
-| file | bytes | sha256 |
-|---|---|---|
-{table}
-""")
+    command = f"alignprop toy-world build-rewards {shown_path(out)} --seed {seed} --budget-min {budget_min:g}"
+    write_build_section(out, "Reward models", f"`{command}`: {summary}\n\n{file_table(rows)}", "Toy world")

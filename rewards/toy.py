@@ -81,11 +81,22 @@ def _target_error(spec: dict[str, Any]) -> Optional[tuple[str, str]]:
     return None
 
 
-def _targets(values: list, prompts: Sequence[str], reward: str, option: str, accepted: str) -> list:
+def _wanted(fixed: Any, read, prompts: Sequence[str], reward: str, option: str, accepted: str) -> list:
+    """`fixed` (the reward's option) for every prompt, else what `read` finds in each; a one-line
+    ValueError naming the first prompt where it finds nothing."""
+    values = [fixed] * len(prompts) if fixed is not None else [read(p) for p in prompts]
     missing = [p for p, v in zip(prompts, values) if v is None]
     if missing:
         raise ValueError(f"{reward}: prompt {missing[0]!r} names no {accepted}; set the reward's `{option}` option")
     return values
+
+
+def _wanted_counts(target: Optional[int], prompts: Sequence[str], reward: str) -> list[int]:
+    return _wanted(target, prompt_count, prompts, reward, "target", f"count ({', '.join(COUNTS)})")
+
+
+def _wanted_colours(color: Optional[str], prompts: Sequence[str], reward: str) -> list[str]:
+    return _wanted(color, prompt_colour, prompts, reward, "color", f"colour ({', '.join(COLOURS)})")
 
 
 class ToyCount(Reward):
@@ -107,8 +118,7 @@ class ToyCount(Reward):
         return count_density(self.net, images).sum((1, 2))
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        wanted = [self.target] * len(prompts) if self.target is not None else [prompt_count(p) for p in prompts]
-        wanted = _targets(wanted, prompts, self.name, "target", f"count ({', '.join(COUNTS)})")
+        wanted = _wanted_counts(self.target, prompts, self.name)
         return -(self.count(images) - torch.tensor(wanted, dtype=torch.float32, device=images.device)).abs()
 
 
@@ -125,8 +135,7 @@ class ToyColor(Reward):
         self.net = load_toy_net(model, "color")
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        wanted = [self.color] * len(prompts) if self.color is not None else [prompt_colour(p) for p in prompts]
-        wanted = _targets(wanted, prompts, self.name, "color", f"colour ({', '.join(COLOURS)})")
+        wanted = _wanted_colours(self.color, prompts, self.name)
         index = torch.tensor([list(COLOURS).index(w) for w in wanted], device=images.device)
         share = colour_probs(self.net, images).mean((2, 3))
         return share.gather(1, index[:, None])[:, 0]
@@ -148,8 +157,7 @@ class ToyCountExact(Reward):
         return _target_error(spec)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        wanted = [self.target] * len(prompts) if self.target is not None else [prompt_count(p) for p in prompts]
-        wanted = _targets(wanted, prompts, self.name, "target", f"count ({', '.join(COUNTS)})")
+        wanted = _wanted_counts(self.target, prompts, self.name)
         counts = judge(images).count
         return (counts == torch.tensor(wanted)).float().to(images.device)
 
@@ -167,7 +175,6 @@ class ToyColorMatch(Reward):
         self.color = color
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        wanted = [self.color] * len(prompts) if self.color is not None else [prompt_colour(p) for p in prompts]
-        wanted = _targets(wanted, prompts, self.name, "color", f"colour ({', '.join(COLOURS)})")
+        wanted = _wanted_colours(self.color, prompts, self.name)
         found = judge(images).colour
         return torch.tensor([float(f == w) for f, w in zip(found, wanted)], device=images.device)
