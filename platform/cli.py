@@ -5,7 +5,7 @@
     alignprop sample --config tiny-cpu --lora runs:/<id>/lora/final --prompt "a cat" --out samples/
     alignprop bench --config tiny-cpu                       # s/step and peak memory vs K, checkpointing
     alignprop soup --lora A --lora B --weights 0.7 0.3 --out DIR  # mix trained adapters
-    alignprop tiny-model DIR                                # save the tiny offline pipeline
+    alignprop tiny-model DIR [--family sd|sdxl|sd3]         # save a tiny offline pipeline
     alignprop rewards list                                  # rewards, what they load, whether weights are here
     alignprop presets                                       # list the shipped presets
     alignprop toy-world build DIR | path | eval [DIR]       # the pretrained toy world (platform/toy_world_cli.py)
@@ -73,8 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     soup.add_argument("--prompt", action="append", help="with --sweep: held-out prompt, repeatable (default: trainer.eval_prompts)")
     soup.add_argument("--experiment", help="with --sweep: MLflow experiment (default: tracking.experiment or the config's name)")
     soup.add_argument("--seed", type=int, help="with --sweep: sampling seed, the same for every α (default: trainer.eval_seed)")
-    tiny = sub.add_parser("tiny-model", help="save the tiny offline SD-shaped pipeline as a diffusers directory")
+    tiny = sub.add_parser("tiny-model", help="save a tiny offline pipeline (random weights) as a diffusers directory")
     tiny.add_argument("dir")
+    tiny.add_argument("--family", choices=["sd", "sdxl", "sd3"], default="sd",
+                      help="sd: SD 1.x-shaped (default); sdxl: two text encoders, added conditioning; sd3: flow-matching MMDiT")
     sub.add_parser("presets", help="list the shipped presets")
     rewards = sub.add_parser("rewards", help="reward models: `alignprop rewards list`")
     rewards.add_argument("action", choices=["list"])
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tiny-model":
             from alignprop.platform.models import save_tiny_pipeline
 
-            print(save_tiny_pipeline(args.dir))
+            print(save_tiny_pipeline(args.dir, args.family))
         elif args.command == "train":
             from alignprop.platform.launch import launch
             from alignprop.platform.run_summary import print_summary

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 PRESET_DIR = Path(__file__).parent / "configs"
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+FAMILY_CHOICES = ("auto", "sd", "sdxl", "sd3")  # trainers/families.py
 # Run, sweep and config names become directory names and MLflow tag values: keep them plain.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 SAFE_NAME_TEXT = "letters, digits and . _ + - (at most 128, not starting with . _ + -)"
@@ -43,6 +44,10 @@ class ModelSection:
     tiny: bool = False  # build the tiny offline pipeline instead
     revision: Optional[str] = None
     dtype: str = "float32"  # frozen VAE / text encoder / UNet weights
+    # auto: read from the pipeline (model_index.json's _class_name; sd for model.tiny) | sd (SD 1.x/2.x
+    # UNet) | sdxl (SDXL UNet, two text encoders) | sd3 (flow-matching MMDiT transformer)
+    family: str = "auto"
+    t5: bool = True  # sd3 only: load the T5 text encoder; false = CLIP only (zeros in T5's place, as diffusers does)
 
 
 @dataclass
@@ -287,6 +292,8 @@ def validate(cfg: RunConfig) -> None:
         _check(bool(SAFE_NAME.fullmatch(cfg.tracking.run_name)), "tracking.run_name", f"got {cfg.tracking.run_name!r}; accepted: {SAFE_NAME_TEXT}")
     _check(m.tiny != bool(m.pretrained), "model", "set exactly one of model.pretrained (hub id or local dir) or model.tiny=true")
     _check(m.dtype in DTYPE_NAMES, "model.dtype", f"got {m.dtype!r}; accepted: {', '.join(DTYPE_NAMES)}")
+    _check(m.family in FAMILY_CHOICES, "model.family", f"got {m.family!r}; accepted: {', '.join(FAMILY_CHOICES)}")
+    _check(m.t5 or m.family in ("sd3", "auto"), "model.t5", f"false applies to model.family sd3 only (got family {m.family!r}); accepted: true, or model.family=sd3")
     _check(cfg.lora.rank >= 1, "lora.rank", f"got {cfg.lora.rank}; accepted: an integer >= 1")
     _check(cfg.lora.alpha > 0, "lora.alpha", f"got {cfg.lora.alpha}; accepted: > 0")
     _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", "empty; accepted: module names such as to_q, to_k, to_v, to_out.0")
@@ -412,6 +419,7 @@ def check_paths(cfg: RunConfig) -> None:
                 setattr(tr, key, str(Path(name).expanduser().resolve()))
     if cfg.model.pretrained:
         _check_pretrained(cfg.model.pretrained)
+    _check_family(cfg)
     from alignprop.rewards.base import check_reward_files
 
     check_reward_files(cfg.rewards, "rewards")
@@ -441,22 +449,40 @@ def _check_pretrained(name: str) -> None:
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1
     if path.exists() or looks_local:
         _check(path.is_dir(), "model.pretrained", f"no such directory {name!r}; accepted: a diffusers pipeline directory or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
-        _check((path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file(), "model.pretrained",
-               f"{name!r} is not a diffusers pipeline directory (no model_index.json and unet/config.json); accepted: a directory written by save_pretrained, e.g. alignprop tiny-model DIR")
+        _check((path / "model_index.json").is_file() and any((path / sub / "config.json").is_file() for sub in ("unet", "transformer")),
+               "model.pretrained", f"{name!r} is not a diffusers pipeline directory (no model_index.json and unet/ or transformer/config.json); "
+               "accepted: a directory written by save_pretrained, e.g. alignprop tiny-model DIR")
     else:
         _check(bool(_HUB_ID.fullmatch(name)), "model.pretrained", f"got {name!r}; accepted: a local pipeline directory, a hub id <org>/<name>, or {TOY_WORLD_MODEL}")
 
 
-def _check_target_modules(cfg: RunConfig) -> None:
-    from alignprop.platform.models import unet_module_names
+def _check_family(cfg: RunConfig) -> None:
+    """model.family against the pipeline's own (when its model_index.json is readable here), and
+    what the family rules out: sd3's Euler sampler has no eta, t5=false needs sd3."""
+    from alignprop.platform.models import pretrained_family, resolve_family
 
-    found = unet_module_names(cfg.model.tiny, cfg.model.pretrained, cfg.model.revision)
+    m = cfg.model
+    found = pretrained_family(m.pretrained, m.revision) if m.pretrained else None
+    _check(m.family in ("auto", found) or found is None, "model.family",
+           f"got {m.family!r} but {m.pretrained!r} is a {found} pipeline; accepted: auto or {found}")
+    family = resolve_family(m)
+    _check(m.t5 or family in ("sd3", None), "model.t5", f"false applies to sd3 pipelines only (this one is {family}); accepted: true")
+    _check(family != "sd3" or cfg.sampling.eta == 0, "sampling.eta",
+           f"got {cfg.sampling.eta} for an sd3 pipeline, whose flow-matching Euler sampler is deterministic; accepted: 0")
+
+
+def _check_target_modules(cfg: RunConfig) -> None:
+    from alignprop.platform.models import denoiser_module_names, resolve_family
+
+    family = resolve_family(cfg.model)
+    found = denoiser_module_names(family, cfg.model.tiny, cfg.model.pretrained, cfg.model.revision) if family else None
     if found is None:  # a hub id that is not in the local cache: the worker checks it
         return
     names, linear = found
+    what = "transformer" if family == "sd3" else "UNet"
     for target in cfg.lora.target_modules:  # peft's rule for a list: the name or a dotted suffix of it
         if not any(n == target or n.endswith(f".{target}") for n in names):
-            raise ConfigError(f"lora.target_modules: {target!r} matches no module of the UNet; accepted: names of its layers such as {', '.join(linear)}")
+            raise ConfigError(f"lora.target_modules: {target!r} matches no module of the {what}; accepted: names of its layers such as {', '.join(linear)}")
 
 
 def _check_writable(path: Path, field_name: str) -> None:

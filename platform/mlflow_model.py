@@ -67,13 +67,16 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from alignprop.platform.models import load_pipeline
+        from alignprop.platform.quiet import load_lora_weights
         from alignprop.platform.soup import lora_weights_file
+        from alignprop.trainers.families import family_of
 
         cfg = read_config(context.artifacts["config"])
         self.sampling = cfg.sampling
         self.pipe = load_pipeline(cfg.model).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.family = family_of(self.pipe)  # its own diffusers pipeline call: SD, SDXL or SD3
         weights = lora_weights_file(context.artifacts["lora"])  # a checked safetensors file: never a pickle
-        self.pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
+        load_lora_weights(self.pipe, str(weights.parent), weights.name)
 
     def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
         import torch
@@ -86,10 +89,8 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         rows = []
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
-                image = self.pipe(
-                    prompt, num_inference_steps=steps, guidance_scale=guidance, eta=s.eta, height=s.resolution,
-                    width=s.resolution, generator=torch.Generator(device="cpu").manual_seed(seed + i),
-                ).images[0]
+                kwargs = {**self.family.call_kwargs(s), "num_inference_steps": steps, "guidance_scale": guidance}
+                image = self.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i), **kwargs).images[0]
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
                 rows.append({"prompt": prompt, "seed": seed + i, "image": base64.b64encode(buffer.getvalue()).decode("ascii")})

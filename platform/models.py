@@ -1,8 +1,10 @@
-"""Build the diffusion pipeline a run trains: a hub id / local diffusers directory, or the tiny
-Stable-Diffusion-shaped pipeline built offline from configs (random weights), plus LoRA on the UNet.
+"""Build the diffusion pipeline a run trains: a hub id / local diffusers directory, or a tiny
+pipeline of its family built offline from configs (random weights), plus LoRA on its denoiser
+(the UNet of sd/sdxl, the transformer of sd3; see trainers/families.py).
 
     alignprop tiny-model /tmp/tiny-sd          # save the tiny pipeline as a diffusers directory
     StableDiffusionPipeline.from_pretrained("/tmp/tiny-sd", local_files_only=True)
+    alignprop tiny-model /tmp/tiny-sd3 --family sd3
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop.platform.config import LoraSection, ModelSection, model_path
+from alignprop.platform.config import ConfigError, LoraSection, ModelSection, model_path
 from alignprop.platform.quiet import loading_bars_off
+from alignprop.trainers.families import FAMILY_NAMES, PIPELINE_FAMILIES, family_of_denoiser, get_family
 
 TINY_SEED = 0  # the tiny pipeline's weights are a pure function of this seed: every worker agrees
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -100,38 +103,91 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
     )
 
 
-def save_tiny_pipeline(directory: str | os.PathLike) -> Path:
-    """`alignprop tiny-model DIR`: a diffusers directory that `from_pretrained` loads offline."""
-    build_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
+def build_tiny(family: str = "sd", t5: bool = True):
+    """The tiny pipeline of a family: sd (above), sdxl or sd3 (platform/tiny_families.py)."""
+    from alignprop.platform.tiny_families import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+
+    if family == "sdxl":
+        pipe = build_tiny_sdxl_pipeline(build_tiny_tokenizer(), TINY_SEED)
+    elif family == "sd3":
+        pipe = build_tiny_sd3_pipeline(build_tiny_tokenizer(), TINY_SEED, t5=t5)
+    else:
+        pipe = build_tiny_pipeline()
+    for part in pipe.components.values():  # as from_pretrained leaves them: no dropout at inference
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    return pipe
+
+
+def save_tiny_pipeline(directory: str | os.PathLike, family: str = "sd") -> Path:
+    """`alignprop tiny-model DIR [--family sd|sdxl|sd3]`: a diffusers directory that the family's
+    pipeline class loads offline with `from_pretrained`."""
+    get_family(family)
+    build_tiny(family).save_pretrained(directory, safe_serialization=True)
     return Path(directory)
 
 
-def load_pipeline(model: ModelSection) -> StableDiffusionPipeline:
-    """The frozen base pipeline named by the config, with a DDIM scheduler, in eval mode."""
-    dtype = DTYPES[model.dtype]
+def pretrained_family(name: str, revision: str | None = None, local_only: bool = True) -> str | None:
+    """The family of a pipeline directory or hub id, from its model_index.json's `_class_name`;
+    None when that file cannot be read here (a hub id not in the local cache, with `local_only`)."""
+    from diffusers import DiffusionPipeline
+
+    name = model_path(name)
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text())
+        else:
+            index = DiffusionPipeline.load_config(name, revision=revision, local_files_only=local_only)
+    except (OSError, ValueError):
+        return None
+    cls = index.get("_class_name", "")
+    if cls not in PIPELINE_FAMILIES:
+        raise ConfigError(f"model.pretrained: {name!r} is a {cls or 'pipeline without _class_name'}; accepted: "
+                          f"{', '.join(PIPELINE_FAMILIES)} (model.family {', '.join(FAMILY_NAMES)})")
+    return PIPELINE_FAMILIES[cls]
+
+
+def resolve_family(model: ModelSection, local_only: bool = True) -> str | None:
+    """model.family, or (auto) the pipeline's: sd for model.tiny, else read from model_index.json."""
+    if model.family != "auto":
+        return model.family
     if model.tiny:
-        pipe = build_tiny_pipeline()
+        return "sd"
+    return pretrained_family(model.pretrained, model.revision, local_only)
+
+
+def load_pipeline(model: ModelSection):
+    """The frozen base pipeline named by the config, with its family's training scheduler (DDIM
+    for sd/sdxl, flow-matching Euler for sd3), in eval mode."""
+    dtype = DTYPES[model.dtype]
+    family = get_family(resolve_family(model, local_only=False))
+    if model.tiny:
+        pipe = build_tiny(family.name, t5=model.t5)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
         name = model_path(model.pretrained)
         local = Path(name).expanduser().is_dir()
         with loading_bars_off():
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(Path(name).expanduser()) if local else name,
-                revision=model.revision, dtype=dtype, safety_checker=None,
-                requires_safety_checker=False, local_files_only=local,
+            pipe = family.pipeline_class.from_pretrained(
+                str(Path(name).expanduser()) if local else name, revision=model.revision, dtype=dtype,
+                local_files_only=local, **family.load_kwargs(model),
             )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)
-        part.eval()
+    pipe.scheduler = family.training_scheduler(pipe.scheduler)
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; its pipeline upcasts it for every decode
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
+            part.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def add_lora(unet: UNet2DConditionModel, lora: LoraSection) -> list[torch.nn.Parameter]:
-    """Attach a trainable LoRA adapter (fp32) to the frozen UNet; returns its parameters."""
+def add_lora(unet: torch.nn.Module, lora: LoraSection) -> list[torch.nn.Parameter]:
+    """Attach a trainable LoRA adapter (fp32) to the frozen denoiser (UNet or transformer); returns
+    its parameters."""
     unet.add_adapter(LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
         lora_dropout=lora.dropout, init_lora_weights="gaussian" if lora.init == "gaussian" else True,
@@ -143,41 +199,56 @@ def add_lora(unet: UNet2DConditionModel, lora: LoraSection) -> list[torch.nn.Par
     return params
 
 
-def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers' key format, ready for `save_lora_weights`."""
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers' key format, ready for `save_lora_weights` (a UNet's keys converted
+    as diffusers' SD/SDXL LoRA scripts do; a transformer's as peft gives them, as its SD3 script)."""
     state = get_peft_model_state_dict(unet)
-    return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    if family_of_denoiser(unet).denoiser_name == "unet":
+        state = convert_state_dict_to_diffusers(state)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_lora(unet: UNet2DConditionModel, directory: str | os.PathLike) -> Path:
-    """Write `pytorch_lora_weights.safetensors`, loadable by `pipe.load_lora_weights(directory)`."""
-    StableDiffusionPipeline.save_lora_weights(
-        directory, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
+def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write `pytorch_lora_weights.safetensors`, loadable by the family's pipeline:
+    `pipe.load_lora_weights(directory)` (StableDiffusion[XL|3]Pipeline)."""
+    family = family_of_denoiser(unet)
+    prefix = family.lora_prefix
+    family.pipeline_class.save_lora_weights(directory, safe_serialization=True, **{
+        f"{prefix}_lora_layers": lora_state_dict(unet),
         # rank/alpha/targets in the safetensors metadata: without it a loader assumes alpha = rank
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-    )
+        f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+    })
     return Path(directory) / LORA_WEIGHTS_NAME
 
 
 @lru_cache(maxsize=8)
-def unet_module_names(tiny: bool, pretrained: str | None, revision: str | None = None) -> tuple[frozenset[str], tuple[str, ...]] | None:
-    """(every module name, the distinct leaf names of its Linear layers) of the run's UNet: what
-    `lora.target_modules` must match. Built on the meta device from the config alone; None for a
-    hub id whose config is not in the local cache (the worker then checks)."""
+def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revision: str | None = None) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """(every module name, the distinct leaf names of its Linear layers) of the run's denoiser (UNet
+    or transformer): what `lora.target_modules` must match. Built on the meta device from the config
+    alone; None for a hub id whose config is not in the local cache (the worker then checks)."""
+    from diffusers import SD3Transformer2DModel
+
+    from alignprop.platform.tiny_families import tiny_sd3_transformer, tiny_sdxl_unet
+
+    sub = get_family(family).denoiser_name
+    cls = SD3Transformer2DModel if sub == "transformer" else UNet2DConditionModel
     pretrained = model_path(pretrained) if pretrained else pretrained
     path = Path(str(pretrained)).expanduser()
     try:
         if tiny:
-            unet_config = None
+            config = None
         elif path.is_dir():
-            unet_config = UNet2DConditionModel.load_config(str(path / "unet"))
+            config = cls.load_config(str(path / sub))
         else:
-            unet_config = UNet2DConditionModel.load_config(str(pretrained), subfolder="unet", revision=revision, local_files_only=True)
+            config = cls.load_config(str(pretrained), subfolder=sub, revision=revision, local_files_only=True)
     except (OSError, ValueError):
         return None
     with torch.device("meta"):
-        unet = _tiny_unet() if tiny else UNet2DConditionModel.from_config(unet_config)
-    modules = dict(unet.named_modules())
+        if tiny:
+            model = {"sd": _tiny_unet, "sdxl": tiny_sdxl_unet, "sd3": tiny_sd3_transformer}[family]()
+        else:
+            model = cls.from_config(config)
+    modules = dict(model.named_modules())
     leaf = lambda name: ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]  # noqa: E731
     linear = sorted({leaf(n) for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
     return frozenset(modules), tuple(linear)

@@ -141,3 +141,16 @@ def loading_bars_off():
         for module, enabled in before:
             if enabled:
                 module.enable_progress_bar()
+
+
+def load_lora_weights(pipe, directory: str, weight_name: str, **kwargs) -> None:
+    """`pipe.load_lora_weights` without diffusers' "no LoRA keys for <text encoder>" warning, which
+    every adapter trained on the denoiser alone triggers (once per text encoder of SDXL and SD3)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.load_lora_weights(directory, weight_name=weight_name, **kwargs)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)

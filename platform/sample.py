@@ -20,6 +20,8 @@ import torch
 
 from alignprop.platform.config import ConfigError, RunConfig
 from alignprop.platform.models import LORA_WEIGHTS_NAME, load_pipeline
+from alignprop.platform.quiet import load_lora_weights
+from alignprop.trainers.families import family_of
 from alignprop.platform.soup import lora_weights_file
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
@@ -91,6 +93,7 @@ def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Option
     lora_file = lora_weights_file(lora_path, source=lora) if lora_path else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.model).to(device)
+    family = family_of(pipe)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     s = cfg.sampling
@@ -98,13 +101,9 @@ def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Option
     variants = [("base", None)] + ([("lora", lora_file)] if lora_file else [])
     for tag, path in variants:
         if path is not None:  # always the checked .safetensors file: diffusers never falls back to a pickle
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+            load_lora_weights(pipe, str(path.parent), path.name)
         for i, prompt in enumerate(prompts):
-            image = pipe(
-                prompt, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
-                height=s.resolution, width=s.resolution,
-                generator=torch.Generator(device="cpu").manual_seed(seed + i),
-            ).images[0]
+            image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i), **family.call_kwargs(s)).images[0]
             written.append(out_dir / f"{tag}_{i:02d}.png")
             image.save(written[-1])
     return written

@@ -78,10 +78,10 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not _pairs(state):
         raise ConfigError(f"--lora: {file} holds no LoRA weights (no lora_A/lora_B or lora.down/lora.up tensors); accepted: {LORA_ACCEPTED}")
     try:
-        meta = json.loads(raw) if raw else {}  # diffusers prefixes each key with the component: "unet.r"
+        meta = json.loads(raw) if raw else {}  # diffusers prefixes each key with the component: "unet.r", "transformer.r"
     except json.JSONDecodeError:
         raise ConfigError(f"--lora: {file} has unreadable {METADATA_KEY} metadata; accepted: an adapter saved by alignprop or diffusers") from None
-    return state, {k.removeprefix("unet."): v for k, v in meta.items()}
+    return state, {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in meta.items()}
 
 
 def _pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
@@ -183,8 +183,9 @@ def write_lora(state: dict[str, torch.Tensor], meta: dict, out_dir: str | Path) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}
-    if meta:
-        metadata[METADATA_KEY] = json.dumps({f"unet.{k}": v for k, v in meta.items()}, default=list)
+    if meta:  # keyed by the adapter's component, as diffusers' save_lora_weights: unet (sd, sdxl) or transformer (sd3)
+        component = "transformer" if any(k.startswith("transformer.") for k in state) else "unet"
+        metadata[METADATA_KEY] = json.dumps({f"{component}.{k}": v for k, v in meta.items()}, default=list)
     save_file(state, str(out / LORA_WEIGHTS_NAME), metadata=metadata)
     return out / LORA_WEIGHTS_NAME
 

@@ -89,16 +89,11 @@ def check_sweep_args(sweep: str, loras: Sequence[str], weights: Optional[Sequenc
 def loaded_mix(pipe, state: dict[str, torch.Tensor], meta: dict) -> Iterator[None]:
     """The mixed adapter loaded into `pipe` (as a PEFT adapter, never fused) for the block, then
     unloaded: the LoRA layers are removed and the untouched base layers put back."""
-    from diffusers.utils import logging as diffusers_logging
+    from alignprop.platform.quiet import load_lora_weights
 
     with tempfile.TemporaryDirectory(prefix="alignprop-soup-") as tmp:
         path = write_lora(state, meta, tmp)
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder", once per α: expected
-        try:
-            pipe.load_lora_weights(tmp, weight_name=path.name, adapter_name=ADAPTER_NAME)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
+        load_lora_weights(pipe, tmp, path.name, adapter_name=ADAPTER_NAME)  # quiet: no text-encoder keys, expected
     try:
         yield
     finally:
@@ -109,13 +104,14 @@ def loaded_mix(pipe, state: dict[str, torch.Tensor], meta: dict) -> Iterator[Non
 def render(pipe, cfg: RunConfig, prompts: Sequence[str], seed: int) -> torch.Tensor:
     """The prompts' images (B×3×H×W in [0, 1]) with the config's sampling settings: the trainer's
     evaluation sampler (DDIM, classifier-free guidance, one batch, a CPU generator seeded `seed`)."""
-    from alignprop.trainers.sampling import encode_prompts, sample
+    from alignprop.trainers.families import denoiser
+    from alignprop.trainers.sampling import encode_prompts, negative_prompt, sample
 
-    s = cfg.sampling
-    device = pipe.unet.device
+    s, model = cfg.sampling, denoiser(pipe)
+    device = model.device
     embeds = encode_prompts(pipe, prompts, device)
-    negative = encode_prompts(pipe, [""], device).expand(len(prompts), -1, -1)
-    return sample(pipe, pipe.unet, embeds, negative, s.num_steps, 1, s.guidance_scale, s.eta, s.resolution,
+    negative = negative_prompt(pipe, len(prompts), device)
+    return sample(pipe, model, embeds, negative, s.num_steps, 1, s.guidance_scale, s.eta, s.resolution,
                   torch.Generator().manual_seed(seed), checkpoint_unet=False).images
 
 

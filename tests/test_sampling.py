@@ -91,8 +91,8 @@ def official_loop(pipe, cuts, seed=0):
     steps with a full graph and checkpointed UNet calls; step i's noise prediction is detached when
     i < cuts[i]. Fixed K is cuts = [N − K] * N. Noise drawn in sample()'s order (latents, then eta)."""
     device, sched = torch.device("cpu"), pipe.scheduler
-    embeds = encode_prompts(pipe, ["a cat", "a dog"], device)
-    negative = encode_prompts(pipe, ["", ""], device)
+    embeds = encode_prompts(pipe, ["a cat", "a dog"], device).embeds
+    negative = encode_prompts(pipe, ["", ""], device).embeds
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((2, 4, 16, 16), generator=generator) * sched.init_noise_sigma
     sched.set_timesteps(N)

@@ -33,7 +33,8 @@ from alignprop.platform.tracking import Tracker
 from alignprop.rewards import build_rewards
 from alignprop.trainers.checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from alignprop.trainers.checkpoint import load_engine_state, save_engine_state
-from alignprop.trainers.sampling import draw_grad_steps, encode_prompts, sample
+from alignprop.trainers.families import denoiser
+from alignprop.trainers.sampling import draw_grad_steps, encode_prompts, negative_prompt, sample
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "lora_ema.safetensors"
@@ -109,18 +110,19 @@ class AlignPropRecipe:
         cfg, device = self.cfg, self.ctx.device
         torch.manual_seed(cfg.trainer.seed + self.ctx.rank)
         self.pipe = load_pipeline(cfg.model).to(device)
-        lora_params = add_lora(self.pipe.unet, cfg.lora)
+        self.denoiser = denoiser(self.pipe)  # the UNet (sd, sdxl) or the transformer (sd3)
+        lora_params = add_lora(self.denoiser, cfg.lora)
         optimizer = torch.optim.AdamW(
             lora_params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.pipe.unet, optimizer=optimizer, config=deepspeed_config(cfg, device),
+            model=self.denoiser, optimizer=optimizer, config=deepspeed_config(cfg, device),
         )
         self.rewards = build_rewards(cfg.rewards).to(device)
         self.eval_rewards = build_rewards(cfg.eval_rewards).to(device) if cfg.eval_rewards else None
         self.prompts, self.eval_prompts = load_prompts(cfg), load_eval_prompts(cfg)
-        self.negative = encode_prompts(self.pipe, [""], device)
+        self.negative = negative_prompt(self.pipe, 1, device)  # CFG's unconditional input, encoded once
         if cfg.trainer.ema_decay > 0:
             self.ema = {n: p.detach().clone().float() for n, p in self._lora_parameters()}
         if self.ctx.resume_dir:
@@ -137,7 +139,7 @@ class AlignPropRecipe:
     def _sample(self, prompts: list[str], k: int, generator: torch.Generator, grad_steps=None):
         s = self.cfg.sampling
         embeds = encode_prompts(self.pipe, prompts, self.ctx.device)
-        negative = self.negative.expand(len(prompts), -1, -1)
+        negative = self.negative.expand(len(prompts))
         return sample(
             self.pipe, self.engine, embeds, negative, s.num_steps, k, s.guidance_scale, s.eta,
             s.resolution, generator, checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae,
@@ -199,7 +201,7 @@ class AlignPropRecipe:
         metrics = self._evaluate_weights(step, "eval")
         if metrics["eval/reward_total"] > self.best_eval:
             self.best_eval = metrics["eval/reward_total"]
-            self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/best")
+            self.tracker.log_lora(lambda d: save_lora(self.denoiser, d), "lora/best")
         if self.ema:
             with self._ema_weights():
                 metrics.update(self._evaluate_weights(step, "eval_ema"))
@@ -237,7 +239,7 @@ class AlignPropRecipe:
 
     # ------------------------------------------------------------------------------ EMA
     def _lora_parameters(self):
-        return [(n, p) for n, p in self.pipe.unet.named_parameters() if "lora_" in n]
+        return [(n, p) for n, p in self.denoiser.named_parameters() if "lora_" in n]
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -247,7 +249,7 @@ class AlignPropRecipe:
 
     @contextmanager
     def _ema_weights(self):
-        """Temporarily swap the EMA weights into the UNet's LoRA layers."""
+        """Temporarily swap the EMA weights into the denoiser's LoRA layers."""
         params = dict(self._lora_parameters())
         raw = {n: p.detach().clone() for n, p in params.items()}
         for name, p in params.items():
@@ -269,7 +271,7 @@ class AlignPropRecipe:
         save_engine_state(self.engine, self._lora_parameters(), path, ctx.rank, ctx.world_size, ctx.device)
         if ctx.rank != 0:
             return
-        save_lora(self.pipe.unet, directory)
+        save_lora(self.denoiser, directory)
         state = {"step": self.step, "best_eval": self.best_eval, "config_name": self.cfg.name,
                  "early_stop": self.early_stop, "reward_stats": self.rewards.stats, "last_eval": self.last_eval}
         (path / STATE_FILE).write_text(json.dumps(state))
@@ -327,10 +329,10 @@ class AlignPropRecipe:
             if last:
                 break
         bar.close()
-        self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/final")
+        self.tracker.log_lora(lambda d: save_lora(self.denoiser, d), "lora/final")
         if self.ema:
             with self._ema_weights():
-                self.tracker.log_lora(lambda d: save_lora(self.pipe.unet, d), "lora/final_ema")
+                self.tracker.log_lora(lambda d: save_lora(self.denoiser, d), "lora/final_ema")
         return metrics
 
 

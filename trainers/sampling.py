@@ -1,4 +1,5 @@
-"""Differentiable DDIM sampling with truncated backpropagation (the heart of AlignProp).
+"""Differentiable sampling with truncated backpropagation (the heart of AlignProp): DDIM for SD 1.x/2.x
+and SDXL, flow-matching Euler for SD3 (the family's part is `trainers/families.py`).
 
 Which denoising steps keep a gradient (`truncation.strategy`):
 
@@ -44,6 +45,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from alignprop.platform.config import TruncationSection
+from alignprop.trainers.families import Conditioning, denoiser, family_of, with_guidance
 
 CONTIGUOUS = ("fixed", "uniform", "gaussian")
 MAX_REDRAWS = 100  # cut_mean/cut_std: redraws (like the official loop) before clipping
@@ -102,14 +104,14 @@ def grad_window(num_steps: int, k: int) -> range:
     return range(num_steps - k, num_steps)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    """CLIP text embeddings (frozen), as the UNet's encoder_hidden_states."""
-    tokens = pipe.tokenizer(
-        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids.to(device)
-    return pipe.text_encoder(tokens)[0]
+def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> Conditioning:
+    """The frozen text conditioning of the pipeline's family (`trainers/families.py`)."""
+    return family_of(pipe).encode(pipe, prompts, device)
+
+
+def negative_prompt(pipe, batch: int, device: torch.device) -> Conditioning:
+    """The unconditional input of classifier-free guidance, as the family's pipeline builds it."""
+    return family_of(pipe).negative(pipe, device).expand(batch)
 
 
 @dataclass
@@ -122,8 +124,8 @@ class SampleOutput:
 def sample(
     pipe,
     unet: Callable,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
+    prompt_embeds: Conditioning,
+    negative_embeds: Conditioning,
     num_steps: int,
     k: int,
     guidance_scale: float,
@@ -134,53 +136,58 @@ def sample(
     checkpoint_vae: bool = False,
     grad_steps: Optional[Sequence[int]] = None,
 ) -> SampleOutput:
-    """DDIM with classifier-free guidance; gradients flow through the last `k` steps only, or, given
-    `grad_steps` (e.g. `per_step`'s scattered steps), through the UNet calls of those steps.
+    """The family's sampler (DDIM for sd/sdxl, flow-matching Euler for sd3) with classifier-free
+    guidance; gradients flow through the last `k` steps only, or, given `grad_steps` (e.g.
+    `per_step`'s scattered steps), through the denoiser calls of those steps.
 
-    `unet` is the (LoRA-wrapped, possibly DeepSpeed-managed) UNet module; `generator` (on CPU)
-    fixes the initial noise and DDIM's eta-noise, so a (seed, step) pair replays exactly. A UNet
-    call outside the kept steps runs under `no_grad` (= the reference's `noise_pred.detach()`); the
-    CFG combination and the scheduler step keep their graph, which is empty until the first kept
-    step (the contiguous prefix therefore builds no graph at all).
+    `unet` is the (LoRA-wrapped, possibly DeepSpeed-managed) denoiser (UNet or transformer);
+    `generator` (on CPU) fixes the initial noise and DDIM's eta-noise, so a (seed, step) pair
+    replays exactly. A denoiser call outside the kept steps runs under `no_grad` (= the reference's
+    `noise_pred.detach()`); the CFG combination and the scheduler step keep their graph, which is
+    empty until the first kept step (the contiguous prefix therefore builds no graph at all).
     """
-    scheduler = pipe.scheduler
-    device, batch = prompt_embeds.device, prompt_embeds.shape[0]
+    family, scheduler = family_of(pipe), pipe.scheduler
+    if isinstance(prompt_embeds, torch.Tensor):  # SD's bare CLIP states
+        prompt_embeds, negative_embeds = Conditioning(prompt_embeds), Conditioning(negative_embeds)
+    device, batch = prompt_embeds.embeds.device, prompt_embeds.batch
     unet_dtype = next(unet.parameters()).dtype
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (batch, pipe.unet.config.in_channels, resolution // scale, resolution // scale)
-    latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(num_steps, device=device)
-    text = torch.cat([negative_embeds, prompt_embeds]).to(unet_dtype) if guidance_scale > 1 else prompt_embeds.to(unet_dtype)
+    shape = (batch, denoiser(pipe).config.in_channels, resolution // scale, resolution // scale)
+    latents = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    family.set_timesteps(pipe, num_steps, device, shape)
+    guided = guidance_scale > 1
+    text = (with_guidance(negative_embeds, prompt_embeds) if guided else prompt_embeds).to(unet_dtype)
     window = sorted(set(grad_steps)) if grad_steps is not None else list(grad_window(num_steps, k))
     keep = set(window)
     grad_allowed = torch.is_grad_enabled()  # an outer no_grad (evaluation) wins over the window
 
     def denoise(latent_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(latent_in, t, encoder_hidden_states=text, return_dict=False)[0]
+        return family.denoise(unet, latent_in, t, text, resolution)
 
     for i, t in enumerate(scheduler.timesteps):
         with_graph = grad_allowed and i in keep
         with torch.set_grad_enabled(with_graph):
-            latent_in = torch.cat([latents] * 2) if guidance_scale > 1 else latents
-            latent_in = scheduler.scale_model_input(latent_in, t).to(unet_dtype)
+            latent_in = torch.cat([latents] * 2) if guided else latents
+            latent_in = family.scale_input(scheduler, latent_in, t).to(unet_dtype)
             if with_graph and checkpoint_unet:
                 noise = checkpoint(denoise, latent_in, t, use_reentrant=False)
             else:
                 noise = denoise(latent_in, t)
         with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
             noise = noise.float()
-            if guidance_scale > 1:
+            if guided:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
             variance_noise = torch.randn(latents.shape, generator=generator).to(device) if eta > 0 else None
-            latents = scheduler.step(noise, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+            latents = family.step(scheduler, noise, t, latents, eta, variance_noise)
     images = decode(pipe.vae, latents, checkpoint_vae)
     return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [])
 
 
 def decode(vae, latents: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
     """Latents → images in [0, 1] (differentiable)."""
-    z = (latents / vae.config.scaling_factor).to(vae.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE is shifted as well as scaled
+    z = (latents / vae.config.scaling_factor + shift).to(vae.dtype)
 
     def run(z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z, return_dict=False)[0]

@@ -1,0 +1,226 @@
+"""Model families: the few places where SD 1.x/2.x, SDXL and SD3-style flow matching differ inside
+the sampling loop. The recipes and the sampler call a family object, never the raw pipeline.
+
+    family = family_of(pipe)                      # sd | sdxl | sd3, from the pipeline's class
+    cond = family.encode(pipe, prompts, device)   # Conditioning: embeds (+ pooled)
+    pred = family.denoise(model, latents, t, cond, resolution)
+    latents = family.step(scheduler, pred, t, latents, eta, noise)
+
+| family | denoiser | text conditioning | scheduler (training sampler) | denoiser's extra inputs |
+|---|---|---|---|---|
+| `sd`   | UNet (`pipe.unet`) | CLIP last hidden state | DDIM (η from `sampling.eta`) | – |
+| `sdxl` | UNet | CLIP-L + OpenCLIP-bigG penultimate states, pooled bigG | DDIM | `text_embeds` (pooled), `time_ids` (size, crop, target) |
+| `sd3`  | MMDiT (`pipe.transformer`) | 2 × CLIP (+ T5, optional) | flow-matching Euler (deterministic) | `pooled_projections` |
+
+For `sd3`, K counts the last K Euler steps: the sampler x_{i+1} = x_i + (σ_{i+1} − σ_i) v_θ(x_i, σ_i)
+is differentiable end to end, so truncation, checkpointing and CFG are the same code as DDIM's.
+SDXL's VAE overflows in float16: `load_pipeline` keeps it in float32 when its config says
+`force_upcast` (as StableDiffusionXLPipeline upcasts it for every decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+FAMILY_NAMES = ("sd", "sdxl", "sd3")
+PIPELINE_FAMILIES = {  # model_index.json's _class_name → family
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+}
+T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser reads of a prompt: the token states and, for SDXL/SD3, a pooled vector."""
+
+    embeds: torch.Tensor  # B×L×D
+    pooled: Optional[torch.Tensor] = None  # B×P
+
+    def expand(self, batch: int) -> "Conditioning":
+        grow = lambda x: None if x is None else x.expand(batch, *x.shape[1:])  # noqa: E731
+        return Conditioning(grow(self.embeds), grow(self.pooled))
+
+    def to(self, dtype: torch.dtype) -> "Conditioning":
+        return Conditioning(self.embeds.to(dtype), None if self.pooled is None else self.pooled.to(dtype))
+
+    @property
+    def batch(self) -> int:
+        return self.embeds.shape[0]
+
+
+def with_guidance(negative: Conditioning, positive: Conditioning) -> Conditioning:
+    """[negative; positive] along the batch, for one denoiser call under classifier-free guidance."""
+    pooled = None if positive.pooled is None else torch.cat([negative.pooled, positive.pooled])
+    return Conditioning(torch.cat([negative.embeds, positive.embeds]), pooled)
+
+
+class SDFamily:
+    """Stable Diffusion 1.x/2.x: one CLIP text encoder, a UNet, DDIM."""
+
+    name, denoiser_name, lora_prefix = "sd", "unet", "unet"
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def load_kwargs(self, model) -> dict:
+        return {"safety_checker": None, "requires_safety_checker": False}
+
+    def training_scheduler(self, scheduler):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(scheduler.config)
+
+    @torch.no_grad()
+    def encode(self, pipe, prompts: Sequence[str], device: torch.device) -> Conditioning:
+        tokens = pipe.tokenizer(
+            list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(device)
+        return Conditioning(pipe.text_encoder(tokens)[0])
+
+    def negative(self, pipe, device: torch.device) -> Conditioning:
+        return self.encode(pipe, [""], device)
+
+    def scale_input(self, scheduler, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scheduler.scale_model_input(latents, t)
+
+    def denoise(self, model, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, resolution: int) -> torch.Tensor:
+        return model(latents, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+    def set_timesteps(self, pipe, num_steps: int, device: torch.device, latent_shape) -> None:
+        pipe.scheduler.set_timesteps(num_steps, device=device)
+
+    def step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
+        return scheduler.step(pred, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+
+    def call_kwargs(self, sampling) -> dict:
+        """Keyword arguments of the family's own diffusers pipeline call (`alignprop sample`, MLflow Model)."""
+        return {"num_inference_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,
+                "eta": sampling.eta, "height": sampling.resolution, "width": sampling.resolution}
+
+
+class SDXLFamily(SDFamily):
+    """SDXL: two CLIP encoders (penultimate states concatenated, pooled from the second), a UNet
+    with added conditioning (pooled text + size/crop ids), DDIM."""
+
+    name = "sdxl"
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def load_kwargs(self, model) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def encode(self, pipe, prompts: Sequence[str], device: torch.device) -> Conditioning:
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return Conditioning(embeds, pooled)
+
+    def negative(self, pipe, device: torch.device) -> Conditioning:
+        cond = self.encode(pipe, [""], device)
+        if pipe.config.force_zeros_for_empty_prompt:  # SDXL base: the unconditional input is zeros
+            return Conditioning(torch.zeros_like(cond.embeds), torch.zeros_like(cond.pooled))
+        return cond
+
+    def denoise(self, model, latents, t, cond: Conditioning, resolution: int) -> torch.Tensor:
+        # (original size, crop top-left, target size), as StableDiffusionXLPipeline's defaults
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=latents.device,
+                                dtype=cond.embeds.dtype).expand(latents.shape[0], -1)
+        added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        return model(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class SD3Family:
+    """SD3/SD3.5: an MMDiT transformer predicting the flow velocity, flow-matching Euler steps."""
+
+    name, denoiser_name, lora_prefix = "sd3", "transformer", "transformer"
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def load_kwargs(self, model) -> dict:
+        return {} if model.t5 else {"text_encoder_3": None, "tokenizer_3": None}
+
+    def training_scheduler(self, scheduler):
+        return scheduler  # the pipeline's FlowMatchEulerDiscreteScheduler (shift from its config)
+
+    @torch.no_grad()
+    def encode(self, pipe, prompts: Sequence[str], device: torch.device) -> Conditioning:
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False, max_sequence_length=T5_MAX_LENGTH)
+        return Conditioning(embeds, pooled)
+
+    def negative(self, pipe, device: torch.device) -> Conditioning:
+        return self.encode(pipe, [""], device)  # SD3's pipeline encodes "" (no zeroing)
+
+    def scale_input(self, scheduler, latents, t):
+        return latents
+
+    def denoise(self, model, latents, t, cond: Conditioning, resolution: int) -> torch.Tensor:
+        timestep = t.expand(latents.shape[0])
+        return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
+                     pooled_projections=cond.pooled, return_dict=False)[0]
+
+    def set_timesteps(self, pipe, num_steps: int, device: torch.device, latent_shape) -> None:
+        scheduler, kwargs = pipe.scheduler, {}
+        if scheduler.config.get("use_dynamic_shifting"):  # resolution-dependent shift, as StableDiffusion3Pipeline
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            c, patch = scheduler.config, pipe.transformer.config.patch_size
+            tokens = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+            kwargs["mu"] = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, device=device, **kwargs)
+
+    def step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
+        return scheduler.step(pred, t, latents).prev_sample  # deterministic Euler: eta unused (validated 0)
+
+    def call_kwargs(self, sampling) -> dict:
+        return {"num_inference_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,
+                "height": sampling.resolution, "width": sampling.resolution}
+
+
+FAMILIES = {"sd": SDFamily(), "sdxl": SDXLFamily(), "sd3": SD3Family()}
+
+
+def get_family(name: str):
+    if name not in FAMILIES:
+        raise ValueError(f"model.family: got {name!r}; accepted: {', '.join(FAMILY_NAMES)}")
+    return FAMILIES[name]
+
+
+def family_of(pipe):
+    """The family of a loaded pipeline (its class, or its components for a subclass)."""
+    name = PIPELINE_FAMILIES.get(type(pipe).__name__)
+    if name is None:
+        name = "sd3" if hasattr(pipe, "transformer") else "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
+    return FAMILIES[name]
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The trainable network: the UNet (sd, sdxl) or the transformer (sd3)."""
+    return getattr(pipe, family_of(pipe).denoiser_name)
+
+
+def family_of_denoiser(module: torch.nn.Module):
+    """sd3 for a transformer, sdxl for a UNet with SDXL's added conditioning, else sd."""
+    if hasattr(module, "module"):  # a DeepSpeed engine
+        module = module.module
+    if type(module).__name__.endswith("Transformer2DModel"):
+        return FAMILIES["sd3"]
+    return FAMILIES["sdxl" if getattr(module.config, "addition_embed_type", None) == "text_time" else "sd"]
