@@ -25,6 +25,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 FAMILY_CHOICES = ("auto", "sd", "sdxl", "sd3")  # trainers/families.py
+ALGORITHMS = ("alignprop", "ddpo", "refl", "draft_lv")  # trainer.algorithm
 # Run, sweep and config names become directory names and MLflow tag values: keep them plain.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 SAFE_NAME_TEXT = "letters, digits and . _ + - (at most 128, not starting with . _ + -)"
@@ -116,6 +117,42 @@ class TrainerSection:
     early_stop_patience: int = 3  # evaluations without a new best before stopping
     ema_decay: float = 0.0  # EMA of the LoRA weights (0 disables); evaluated and saved beside them
     fail_at_step: Optional[int] = None  # fault injection for tests: raise at this step unless resumed
+    # alignprop (reward backprop through the last K steps) | ddpo (RL: DDPO-IS with PPO clipping) |
+    # refl (reward on x̂0 from one random late step) | draft_lv (K = 1 with re-noised copies)
+    algorithm: str = "alignprop"
+
+
+@dataclass
+class DDPOSection:
+    """trainer.algorithm=ddpo. Defaults: kvablack/ddpo-pytorch config/base.py (`train.*`)."""
+
+    inner_epochs: int = 1  # train.num_inner_epochs: passes (one update each) over a sampled batch
+    clip_range: float = 1e-4  # train.clip_range: PPO's ε on the importance ratio
+    adv_clip_max: float = 5.0  # train.adv_clip_max: advantages clipped to ±this
+    timestep_fraction: float = 1.0  # train.timestep_fraction: share of each trajectory's steps trained on
+    train_cfg: bool = True  # train.cfg: the policy's log-prob uses the guided prediction, as sampled
+    per_prompt_stats: bool = True  # per_prompt_stat_tracking: advantages from each prompt's recent rewards
+    stats_buffer: int = 16  # per_prompt_stat_tracking.buffer_size
+    stats_min_count: int = 16  # per_prompt_stat_tracking.min_count: below it, the batch's mean and std
+
+
+@dataclass
+class ReFLSection:
+    """trainer.algorithm=refl: stop at a random step (0-based sampling index) in [low, high], predict
+    x̂0 in one step, reward on x̂0, gradient through that step only. None: low = ⌊3N/4⌋, high = N − 1
+    (ImageReward's ReFL: 40 steps, stop step randint(30, 39))."""
+
+    low: Optional[int] = None
+    high: Optional[int] = None
+
+
+@dataclass
+class DraftLVSection:
+    """trainer.algorithm=draft_lv: sample without a graph, then `copies` times re-noise x0 to the last
+    step's noise level and denoise it once with a graph; the reward gradient is averaged over the
+    copies (DRaFT-LV, Clark et al. 2023, n = 2)."""
+
+    copies: int = 2
 
 
 @dataclass
@@ -153,6 +190,9 @@ class RunConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     rewards: list[Any] = field(default_factory=lambda: [{"name": "brightness", "weight": 1.0}])
     eval_rewards: list[Any] = field(default_factory=list)
+    ddpo: DDPOSection = field(default_factory=DDPOSection)
+    refl: ReFLSection = field(default_factory=ReFLSection)
+    draft_lv: DraftLVSection = field(default_factory=DraftLVSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     ray: RaySection = field(default_factory=RaySection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -327,7 +367,8 @@ def validate(cfg: RunConfig) -> None:
     _check(not (tr.eval_prompts and tr.eval_prompt_file), "trainer.eval_prompts", "set at most one of trainer.eval_prompts (a list) or trainer.eval_prompt_file")
     _check(tr.eval_every == 0 or bool(tr.eval_prompts or tr.eval_prompt_file), "trainer.eval_prompts",
            "empty while trainer.eval_every > 0; accepted: a list of held-out prompts, trainer.eval_prompt_file, or trainer.eval_every=0")
-    validate_reward_specs(cfg.rewards, "rewards", allow_empty=False)
+    _validate_algorithm(cfg)
+    validate_reward_specs(cfg.rewards, "rewards", allow_empty=False, needs_gradient=tr.algorithm != "ddpo")
     validate_reward_specs(cfg.eval_rewards, "eval_rewards", allow_empty=True)
     d = cfg.deepspeed
     _check(d.zero_stage in (0, 1, 2), "deepspeed.zero_stage", f"got {d.zero_stage}; accepted: 0, 1, 2")
@@ -352,6 +393,27 @@ def _check_finite(cfg: RunConfig) -> None:
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, float) and not math.isfinite(item):
                 raise ConfigError(f"{key}: got {item}; accepted: a finite number")
+
+
+def refl_bounds(cfg: RunConfig) -> tuple[int, int]:
+    n = cfg.sampling.num_steps
+    return (n * 3 // 4 if cfg.refl.low is None else cfg.refl.low), (n - 1 if cfg.refl.high is None else cfg.refl.high)
+
+
+def _validate_algorithm(cfg: RunConfig) -> None:
+    a, n = cfg.trainer.algorithm, cfg.sampling.num_steps
+    _check(a in ALGORITHMS, "trainer.algorithm", f"got {a!r}; accepted: {', '.join(ALGORITHMS)}")
+    d = cfg.ddpo
+    _check(d.inner_epochs >= 1, "ddpo.inner_epochs", f"got {d.inner_epochs}; accepted: an integer >= 1")
+    _check(d.clip_range > 0, "ddpo.clip_range", f"got {d.clip_range}; accepted: > 0")
+    _check(d.adv_clip_max > 0, "ddpo.adv_clip_max", f"got {d.adv_clip_max}; accepted: > 0")
+    _check(0 < d.timestep_fraction <= 1, "ddpo.timestep_fraction", f"got {d.timestep_fraction}; accepted: 0 < fraction <= 1")
+    _check(d.stats_buffer >= 1 and d.stats_min_count >= 1, "ddpo.stats_buffer", f"got buffer {d.stats_buffer}, min_count {d.stats_min_count}; accepted: integers >= 1")
+    if a == "ddpo":
+        _check(cfg.sampling.eta > 0, "sampling.eta", "got 0 with trainer.algorithm=ddpo; accepted: 0 < eta <= 1 (DDPO's policy is the stochastic DDIM step; ddpo-pytorch: 1.0)")
+    low, high = refl_bounds(cfg)
+    _check(0 <= low <= high <= n - 1, "refl.low", f"got low={low}, high={high}; accepted: 0 <= low <= high <= sampling.num_steps - 1 ({n - 1})")
+    _check(cfg.draft_lv.copies >= 1, "draft_lv.copies", f"got {cfg.draft_lv.copies}; accepted: an integer >= 1")
 
 
 def _validate_truncation(t: TruncationSection, n: int) -> None:
@@ -467,6 +529,8 @@ def _check_family(cfg: RunConfig) -> None:
            f"got {m.family!r} but {m.pretrained!r} is a {found} pipeline; accepted: auto or {found}")
     family = resolve_family(m)
     _check(m.t5 or family in ("sd3", None), "model.t5", f"false applies to sd3 pipelines only (this one is {family}); accepted: true")
+    _check(family != "sd3" or cfg.trainer.algorithm != "ddpo", "trainer.algorithm",
+           "ddpo needs a stochastic DDIM sampler, and sd3's flow-matching Euler sampler is deterministic; accepted for sd3: alignprop, refl, draft_lv")
     _check(family != "sd3" or cfg.sampling.eta == 0, "sampling.eta",
            f"got {cfg.sampling.eta} for an sd3 pipeline, whose flow-matching Euler sampler is deterministic; accepted: 0")
 

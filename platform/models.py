@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -138,7 +139,9 @@ def pretrained_family(name: str, revision: str | None = None, local_only: bool =
         if path.is_dir():
             index = json.loads((path / "model_index.json").read_text())
         else:
-            index = DiffusionPipeline.load_config(name, revision=revision, local_files_only=local_only)
+            with warnings.catch_warnings():  # huggingface_hub: "local_dir_use_symlinks is deprecated" (diffusers passes it)
+                warnings.simplefilter("ignore", UserWarning)
+                index = DiffusionPipeline.load_config(name, revision=revision, local_files_only=local_only)
     except (OSError, ValueError):
         return None
     cls = index.get("_class_name", "")

@@ -1,5 +1,7 @@
 """End of a sweep: results table (printed, CSV), metric-vs-parameter plot, best trial and its LoRA,
-all logged to the MLflow parent run; early-stopped children are closed as KILLED."""
+all logged to the MLflow parent run; early-stopped children are closed as KILLED. Grids over
+`trainer.algorithm` (or seeds) also get the sample-efficiency figure and table
+(platform/sample_efficiency.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from alignprop.platform import sample_efficiency
 from alignprop.platform.sweep_space import SweepSpec
 
 
@@ -84,9 +87,12 @@ def summarize(results, spec: SweepSpec, max_steps: int, uri: str, parent_id: str
         client.log_artifact(parent_id, str(Path(tmp) / "metric_vs_params.png"))
         if best is not None and best["trial_id"] in children:
             _export_best(client, uri, parent_id, children[best["trial_id"]], best, spec, tmp, register_as)
+        efficiency = None
+        if sample_efficiency.applies(spec):  # comparison grids: reward vs images and seconds
+            efficiency = sample_efficiency.write(client, parent_id, children, rows, spec, tmp)
     client.log_metric(parent_id, "sweep/trials", len(rows))
     client.log_metric(parent_id, "sweep/concurrency", concurrency)
-    return {"rows": rows, "best": best, "parent_run_id": parent_id, "concurrency": concurrency}
+    return {"rows": rows, "best": best, "parent_run_id": parent_id, "concurrency": concurrency, "sample_efficiency": efficiency}
 
 
 def _child_runs(client, parent_id: str) -> dict[str, Any]:

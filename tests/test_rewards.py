@@ -153,7 +153,7 @@ def test_bad_normalize_decay(value):
 
 def test_true_jpeg_size_is_an_eval_only_reward():
     validate_reward_specs([{"name": "jpeg_size"}], "eval_rewards", allow_empty=True)
-    with pytest.raises(ConfigError, match=r"^rewards\[0\]\.name: 'jpeg_size' has no gradient; accepted in eval_rewards only"):
+    with pytest.raises(ConfigError, match=r"^rewards\[0\]\.name: 'jpeg_size' has no gradient; accepted in eval_rewards, or as a training reward with trainer.algorithm=ddpo"):
         validate_reward_specs([{"name": "jpeg_size"}], "rewards", allow_empty=False)
     noisy, flat = torch.rand(1, 3, 32, 32), torch.full((1, 3, 32, 32), 0.5)
     reward = build_reward({"name": "jpeg_size"})

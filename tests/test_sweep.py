@@ -171,3 +171,37 @@ def test_rerunning_a_sweep_with_the_same_name_resumes_it(sweep, mlflow_server, l
     children = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
     assert len(children) == 4, "no trial ran again"
+
+
+def test_a_two_trial_comparison_sweep_puts_the_figure_and_table_in_the_parent_run(sweep, mlflow_server, local_ray, tmp_path):
+    """A grid over trainer.algorithm: the parent run gets reward vs images_seen / wall_s per method
+    and the images-to-reach table against DDPO (the baseline when the grid has it)."""
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    from alignprop.platform.tune import run_sweep
+
+    _, _, tmp = sweep
+    space = tmp / "compare.yaml"
+    space.write_text("metric: eval/reward_total\nmode: max\nscheduler: none\nspace:\n"
+                     "  trainer.algorithm: {space: grid_search, values: [alignprop, ddpo]}\n"
+                     "  trainer.seed: {space: grid_search, values: [0]}\n")
+    cfg = sweep_config(tmp, mlflow_server, "compare", "trainer.max_steps=2", "sampling.num_steps=4", "truncation.k=2")
+    summary = run_sweep(cfg, load_space(str(space), cfg), num_samples=1, max_concurrent=2, sweep_name="compare-sweep")
+    efficiency = summary["sample_efficiency"]
+    assert efficiency["baseline"] == "algorithm=ddpo" and efficiency["groups"] == ["algorithm=alignprop", "algorithm=ddpo"]
+    by_method = {r["method"]: r for r in efficiency["rows"]}
+    ddpo = by_method["algorithm=ddpo"]
+    assert ddpo["images_to_reach"] <= 4 and (ddpo["images_vs_baseline"] == 1.0 or ddpo["images_to_reach"] == 0)
+    assert all(r["seeds"] == 1 for r in efficiency["rows"])
+    client = MlflowClient(mlflow_server)
+    names = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
+    assert {"sample_efficiency.png", "sample_efficiency.csv", "sample_efficiency.md"} <= names
+    table = mlflow.artifacts.download_artifacts(run_id=summary["parent_run_id"], artifact_path="sample_efficiency.md",
+                                                dst_path=str(tmp_path), tracking_uri=mlflow_server)
+    text = open(table).read()
+    assert "| algorithm=alignprop | 1 |" in text and "images to reach" in text
+    for child in client.search_runs([client.get_experiment_by_name("compare").experiment_id]):
+        if child.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]:
+            history = [m.value for m in client.get_metric_history(child.info.run_id, "images_seen")]
+            assert history == [2.0, 4.0], history  # batch 2 × 1 worker per step: the common x-axis

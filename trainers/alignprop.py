@@ -1,4 +1,6 @@
 """The AlignProp recipe, one worker's view: setup → train step → evaluate → save/load checkpoint.
+`trainer.algorithm` picks the train step: alignprop (below), refl and draft_lv (a few lines each in
+`_train_images`), ddpo (trainers/ddpo.py); the rest of the lifecycle is shared.
 
 Run through Ray Train (one copy per worker) by `alignprop train --config tiny-cpu`; the recipe itself
 knows nothing of Ray: it gets a `WorkerContext` (rank, device, report(), the checkpoint to resume).
@@ -27,14 +29,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from alignprop.platform.config import RunConfig, read_prompt_file
+from alignprop.platform.config import RunConfig, read_prompt_file, refl_bounds
 from alignprop.platform.models import add_lora, load_pipeline, save_lora
 from alignprop.platform.tracking import Tracker
 from alignprop.rewards import build_rewards
 from alignprop.trainers.checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from alignprop.trainers.checkpoint import load_engine_state, save_engine_state
 from alignprop.trainers.families import denoiser
-from alignprop.trainers.sampling import draw_grad_steps, encode_prompts, negative_prompt, sample
+from alignprop.trainers.sampling import draft_lv_images, draw_grad_steps, encode_prompts, negative_prompt, sample
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "lora_ema.safetensors"
@@ -59,7 +61,7 @@ def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
     precision = resolve_precision(cfg.deepspeed.precision, device)
     return {
         "train_micro_batch_size_per_gpu": cfg.trainer.batch_size,
-        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_accumulation_steps": cfg.optim.grad_accum * backward_calls_per_micro_batch(cfg),
         "gradient_clipping": cfg.optim.max_grad_norm,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
@@ -68,6 +70,13 @@ def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def backward_calls_per_micro_batch(cfg: RunConfig) -> int:
+    """DDPO calls backward once per trained timestep (ddpo-pytorch: accumulation × num_train_timesteps)."""
+    if cfg.trainer.algorithm != "ddpo":
+        return 1
+    return max(1, int(cfg.sampling.num_steps * cfg.ddpo.timestep_fraction))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -102,6 +111,8 @@ class AlignPropRecipe:
         self.ema: dict[str, torch.Tensor] = {}
         self.last_eval: dict[str, float] = {}  # carried in every report: schedulers compare it each step
         self.tracker = Tracker(ctx.tracking_uri, ctx.run_id, enabled=ctx.rank == 0)
+        self.images_seen, self.unet_evals, self.wall_s = 0, 0, 0.0  # the common x-axis of every algorithm
+        self.ddpo_stats = None  # DDPO's per-prompt reward statistics (trainers/ddpo.py)
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> "AlignPropRecipe":
@@ -146,23 +157,32 @@ class AlignPropRecipe:
             grad_steps=grad_steps,
         )
 
+    def _pick_prompts(self, step: int, micro: int) -> list[str]:
+        pick = random.Random(hash((self.cfg.trainer.seed, step, micro, self.ctx.rank)))
+        return [pick.choice(self.prompts) for _ in range(self.cfg.trainer.batch_size)]
+
     def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step (grad_accum micro-batches); returns metrics averaged over ranks."""
-        cfg, start = self.cfg, time.perf_counter()
-        if cfg.trainer.fail_at_step == step + 1 and not self.ctx.resume_dir:
+        """One optimizer step of `trainer.algorithm`; returns metrics averaged over ranks."""
+        if self.cfg.trainer.fail_at_step == step + 1 and not self.ctx.resume_dir:
             raise RuntimeError(f"injected failure at step {step + 1} (trainer.fail_at_step)")
+        if self.cfg.trainer.algorithm == "ddpo":
+            from alignprop.trainers import ddpo
+
+            return ddpo.train_step(self, step)
+        return self._reward_gradient_step(step)
+
+    def _reward_gradient_step(self, step: int) -> dict[str, float]:
+        """AlignProp, ReFL or DRaFT-LV: grad_accum micro-batches, loss = −mean reward, backward."""
+        cfg, start = self.cfg, time.perf_counter()
         self.engine.train()
-        rows, ks = [], []
+        rows, ks, evals = [], [], []
         for micro in range(cfg.optim.grad_accum):
-            # K (or per_step's cuts) per (step, micro-batch), not per rank: every rank runs the same
-            # number of gradient steps, and a resumed run replays the same draws
-            grad_steps = draw_grad_steps(cfg.truncation, cfg.sampling.num_steps, cfg.trainer.seed, step, micro)
-            ks.append(len(grad_steps))
-            pick = random.Random(hash((cfg.trainer.seed, step, micro, self.ctx.rank)))
-            prompts = [pick.choice(self.prompts) for _ in range(cfg.trainer.batch_size)]
-            out = self._sample(prompts, len(grad_steps), self._generator(step, micro, self.ctx.rank), grad_steps)
+            prompts = self._pick_prompts(step, micro)
+            images, scored_prompts, k, per_image = self._train_images(prompts, step, micro)
+            ks.append(k)
+            evals.append(per_image)
             # before any running statistics exist, normalised rewards use statistics of all ranks
-            total, parts = self.rewards(out.images, prompts, gather=self._gather)
+            total, parts = self.rewards(images, scored_prompts, gather=self._gather)
             loss = -total.mean()
             if not loss.requires_grad:  # per_step may keep no step at all: a zero gradient, as DeepSpeed needs one
                 loss = loss + sum(p.sum() for _, p in self._lora_parameters()) * 0.0
@@ -170,21 +190,61 @@ class AlignPropRecipe:
             self.engine.step()
             rows.append(torch.stack([total, *parts.values()], dim=1).detach().float().cpu())
         values = _gather_rows(torch.cat(rows), self.ctx.world_size, self.ctx.device)
+        sampled = cfg.trainer.batch_size * cfg.optim.grad_accum * self.ctx.world_size
+        metrics = self.finish_step(values, time.perf_counter() - start, sampled, sum(evals) / len(evals))
+        metrics["k"] = sum(ks) / len(ks)  # mean number of steps that kept a gradient
+        if min(ks) != max(ks):
+            metrics["k_min"], metrics["k_max"] = float(min(ks)), float(max(ks))
+        return metrics
+
+    def _train_images(self, prompts: list[str], step: int, micro: int):
+        """(differentiable images, their prompts, steps with a graph, denoiser evaluations per sampled
+        image incl. checkpoint recomputation) for the reward-gradient algorithms."""
+        cfg, s, device = self.cfg, self.cfg.sampling, self.ctx.device
+        generator, per_call = self._generator(step, micro, self.ctx.rank), 2 if s.guidance_scale > 1 else 1
+        recompute = per_call if s.checkpoint_unet else 0
+        embeds, negative = encode_prompts(self.pipe, prompts, device), self.negative.expand(len(prompts))
+        args = (self.pipe, self.engine, embeds, negative, s.num_steps)
+        algorithm = cfg.trainer.algorithm
+        if algorithm == "refl":  # the stop step per (step, micro-batch), the same on every rank
+            stop = random.Random(f"alignprop-refl/{cfg.trainer.seed}/{step}/{micro}").randint(*refl_bounds(cfg))
+            out = sample(*args, 1, s.guidance_scale, s.eta, s.resolution, generator, checkpoint_unet=s.checkpoint_unet,
+                         checkpoint_vae=s.checkpoint_vae, grad_steps=[stop], stop_at=stop)
+            return out.images, prompts, 1, (stop + 1) * per_call + recompute
+        if algorithm == "draft_lv":
+            copies = cfg.draft_lv.copies
+            with torch.no_grad():
+                x0 = sample(*args, 1, s.guidance_scale, s.eta, s.resolution, generator).latents
+            images = draft_lv_images(self.pipe, self.engine, embeds, negative, x0, copies, s.guidance_scale, s.eta,
+                                     s.resolution, generator, s.checkpoint_unet, s.checkpoint_vae)
+            return images, prompts * copies, 1, s.num_steps * per_call + copies * (per_call + recompute)
+        # K (or per_step's cuts) per (step, micro-batch), not per rank: every rank runs the same
+        # number of gradient steps, and a resumed run replays the same draws
+        grad_steps = draw_grad_steps(cfg.truncation, s.num_steps, cfg.trainer.seed, step, micro)
+        out = sample(*args, len(grad_steps), s.guidance_scale, s.eta, s.resolution, generator,
+                     checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae, grad_steps=grad_steps)
+        return out.images, prompts, len(grad_steps), s.num_steps * per_call + len(grad_steps) * recompute
+
+    def finish_step(self, values: torch.Tensor, seconds: float, sampled: int, evals_per_image: float) -> dict[str, float]:
+        """After an update, on every rank: reward statistics, EMA, the common x-axis counters
+        (`images_seen`, `unet_evals`, `wall_s`, all ranks) and the metrics of the gathered reward rows."""
         self.rewards.update_stats(values[:, 1:])  # same numbers on every rank → same normalisation
         self._update_ema()
-        seconds = time.perf_counter() - start
+        self.images_seen += sampled
+        self.unet_evals += int(round(sampled * evals_per_image))
+        self.wall_s += seconds
         metrics = {
             "loss": float(-values[:, 0].mean()),
             "reward/total_mean": float(values[:, 0].mean()),
             "reward/total_std": float(values[:, 0].std()) if len(values) > 1 else 0.0,
-            "k": sum(ks) / len(ks),  # mean number of steps that kept a gradient
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "step_time_s": seconds,
-            "images_per_s": len(values) / seconds,
+            "images_per_s": sampled / seconds,
             "peak_memory_mb": peak_memory_mb(self.ctx.device),
+            "images_seen": float(self.images_seen),
+            "unet_evals": float(self.unet_evals),
+            "wall_s": self.wall_s,
         }
-        if min(ks) != max(ks):
-            metrics["k_min"], metrics["k_max"] = float(min(ks)), float(max(ks))
         for i, label in enumerate(self.rewards.labels, start=1):
             metrics[f"reward/{label}_mean"] = float(values[:, i].mean())
             metrics[f"reward/{label}_std"] = float(values[:, i].std()) if len(values) > 1 else 0.0
@@ -273,7 +333,9 @@ class AlignPropRecipe:
             return
         save_lora(self.denoiser, directory)
         state = {"step": self.step, "best_eval": self.best_eval, "config_name": self.cfg.name,
-                 "early_stop": self.early_stop, "reward_stats": self.rewards.stats, "last_eval": self.last_eval}
+                 "early_stop": self.early_stop, "reward_stats": self.rewards.stats, "last_eval": self.last_eval,
+                 "images_seen": self.images_seen, "unet_evals": self.unet_evals, "wall_s": self.wall_s,
+                 "ddpo_stats": self.ddpo_stats.state() if self.ddpo_stats else None}
         (path / STATE_FILE).write_text(json.dumps(state))
         if self.ema:
             save_file({n: t.cpu().contiguous() for n, t in self.ema.items()}, str(path / EMA_FILE))
@@ -288,6 +350,13 @@ class AlignPropRecipe:
         self.early_stop = state.get("early_stop", self.early_stop)
         self.last_eval = state.get("last_eval", {}) if self.ctx.rank == 0 else {}
         self.rewards.stats.update(state.get("reward_stats", {}))
+        self.images_seen, self.unet_evals = int(state.get("images_seen", 0)), int(state.get("unet_evals", 0))
+        self.wall_s = float(state.get("wall_s", 0.0))
+        if state.get("ddpo_stats") is not None:
+            from alignprop.trainers.ddpo import PerPromptStatTracker
+
+            d = self.cfg.ddpo
+            self.ddpo_stats = PerPromptStatTracker(d.stats_buffer, d.stats_min_count, state["ddpo_stats"])
         if self.ema and (path / EMA_FILE).exists():
             self.ema = {n: t.to(self.ctx.device) for n, t in load_file(str(path / EMA_FILE)).items()}
 

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 FAMILY_NAMES = ("sd", "sdxl", "sd3")
 PIPELINE_FAMILIES = {  # model_index.json's _class_name → family
@@ -59,6 +62,54 @@ def with_guidance(negative: Conditioning, positive: Conditioning) -> Conditionin
     return Conditioning(torch.cat([negative.embeds, positive.embeds]), pooled)
 
 
+def ddim_mean_std(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and σ of DDIM's p(x_{t−1} | x_t) for per-sample timesteps `t` (B,): diffusers'
+    DDIMScheduler.step without its noise (epsilon, v_prediction or sample parameterisation). One
+    difference: sqrt(1 − ᾱ_prev − σ²) is clamped at 0, where diffusers gets NaN from rounding at the
+    first step of a zero-terminal-SNR schedule (ᾱ_t = 0, as the toy world's) with η = 1."""
+    mean, std, _ = _ddim(scheduler, pred, t, x, eta)
+    return mean, std
+
+
+def _ddim(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: float):
+    c = scheduler.config
+    prev = t - c.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod.to(x.device)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    alpha_t = alphas[t.long()].reshape(shape)
+    alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0).long()], scheduler.final_alpha_cumprod.to(x.device)).reshape(shape)
+    beta_t = 1 - alpha_t
+    if c.prediction_type == "epsilon":
+        x0, eps = (x - beta_t.sqrt() * pred) / alpha_t.sqrt(), pred
+    elif c.prediction_type == "v_prediction":
+        x0, eps = alpha_t.sqrt() * x - beta_t.sqrt() * pred, alpha_t.sqrt() * pred + beta_t.sqrt() * x
+    else:  # sample
+        x0, eps = pred, (x - alpha_t.sqrt() * pred) / beta_t.sqrt()
+    if c.clip_sample:
+        x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std, x0
+
+
+class NaNFreeDDIMScheduler(DDIMScheduler):
+    """DDIMScheduler whose stochastic step (η > 0) is `ddim_mean_std` plus σ·noise: the same numbers
+    (bitwise, tested), without diffusers' NaN at ᾱ_t = 0. The training sampler and the pipelines of
+    `alignprop sample` and the MLflow Model use it, so η = 1 works on zero-terminal-SNR models."""
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+             generator=None, variance_noise=None, return_dict: bool = True):
+        if eta == 0 or use_clipped_model_output or self.config.thresholding:
+            return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(len(sample))
+        mean, std, x0 = _ddim(self, model_output, t, sample, eta)
+        if variance_noise is None:
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        prev = (mean + std * variance_noise).to(sample.dtype)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
 class SDFamily:
     """Stable Diffusion 1.x/2.x: one CLIP text encoder, a UNet, DDIM."""
 
@@ -74,9 +125,7 @@ class SDFamily:
         return {"safety_checker": None, "requires_safety_checker": False}
 
     def training_scheduler(self, scheduler):
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(scheduler.config)
+        return NaNFreeDDIMScheduler.from_config(scheduler.config)
 
     @torch.no_grad()
     def encode(self, pipe, prompts: Sequence[str], device: torch.device) -> Conditioning:
@@ -100,6 +149,18 @@ class SDFamily:
 
     def step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
         return scheduler.step(pred, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+
+    def last_step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
+        """The sampler's final step again, after a full run (DRaFT-LV's re-noised copies)."""
+        return self.step(scheduler, pred, t, latents, eta, variance_noise)
+
+    def predict_x0(self, scheduler, pred, t, latents) -> torch.Tensor:
+        """x̂0 from one prediction at t (DDIM's pred_original_sample; ReFL's one-step estimate)."""
+        return scheduler.step(pred, t, latents, eta=0.0).pred_original_sample
+
+    def renoise(self, scheduler, x0, noise, t) -> torch.Tensor:
+        """x0 noised to step t's level: q(x_t | x0)."""
+        return scheduler.add_noise(x0, noise, t.reshape(1))
 
     def call_kwargs(self, sampling) -> dict:
         """Keyword arguments of the family's own diffusers pipeline call (`alignprop sample`, MLflow Model)."""
@@ -189,6 +250,20 @@ class SD3Family:
 
     def step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
         return scheduler.step(pred, t, latents).prev_sample  # deterministic Euler: eta unused (validated 0)
+
+    def last_step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
+        scheduler._step_index = len(scheduler.timesteps) - 1  # the scheduler counts its steps: replay the last
+        return scheduler.step(pred, t, latents).prev_sample
+
+    def _sigma(self, scheduler, t, like: torch.Tensor) -> torch.Tensor:
+        return scheduler.sigmas[scheduler.index_for_timestep(t)].to(like.device, like.dtype)
+
+    def predict_x0(self, scheduler, pred, t, latents) -> torch.Tensor:
+        return latents - self._sigma(scheduler, t, latents) * pred  # x_t = (1 − σ) x0 + σ ε, v = ε − x0
+
+    def renoise(self, scheduler, x0, noise, t) -> torch.Tensor:
+        sigma = self._sigma(scheduler, t, x0)
+        return sigma * noise + (1 - sigma) * x0
 
     def call_kwargs(self, sampling) -> dict:
         return {"num_inference_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,

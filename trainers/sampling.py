@@ -135,6 +135,8 @@ def sample(
     checkpoint_unet: bool = True,
     checkpoint_vae: bool = False,
     grad_steps: Optional[Sequence[int]] = None,
+    stop_at: Optional[int] = None,
+    trajectory: Optional[list] = None,
 ) -> SampleOutput:
     """The family's sampler (DDIM for sd/sdxl, flow-matching Euler for sd3) with classifier-free
     guidance; gradients flow through the last `k` steps only, or, given `grad_steps` (e.g.
@@ -145,43 +147,81 @@ def sample(
     replays exactly. A denoiser call outside the kept steps runs under `no_grad` (= the reference's
     `noise_pred.detach()`); the CFG combination and the scheduler step keep their graph, which is
     empty until the first kept step (the contiguous prefix therefore builds no graph at all).
+
+    `stop_at` (ReFL): at that step, x̂0 is predicted in one step from its denoiser output and decoded;
+    the later steps are not run. `trajectory` (DDPO): a list that gets one `(t, x_t, guided
+    prediction, x_next)` tuple per step, detached.
     """
     family, scheduler = family_of(pipe), pipe.scheduler
     if isinstance(prompt_embeds, torch.Tensor):  # SD's bare CLIP states
         prompt_embeds, negative_embeds = Conditioning(prompt_embeds), Conditioning(negative_embeds)
     device, batch = prompt_embeds.embeds.device, prompt_embeds.batch
-    unet_dtype = next(unet.parameters()).dtype
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (batch, denoiser(pipe).config.in_channels, resolution // scale, resolution // scale)
     latents = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     family.set_timesteps(pipe, num_steps, device, shape)
-    guided = guidance_scale > 1
-    text = (with_guidance(negative_embeds, prompt_embeds) if guided else prompt_embeds).to(unet_dtype)
+    text = guidance_text(unet, prompt_embeds, negative_embeds, guidance_scale)
     window = sorted(set(grad_steps)) if grad_steps is not None else list(grad_window(num_steps, k))
     keep = set(window)
     grad_allowed = torch.is_grad_enabled()  # an outer no_grad (evaluation) wins over the window
 
-    def denoise(latent_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return family.denoise(unet, latent_in, t, text, resolution)
-
     for i, t in enumerate(scheduler.timesteps):
         with_graph = grad_allowed and i in keep
         with torch.set_grad_enabled(with_graph):
-            latent_in = torch.cat([latents] * 2) if guided else latents
-            latent_in = family.scale_input(scheduler, latent_in, t).to(unet_dtype)
-            if with_graph and checkpoint_unet:
-                noise = checkpoint(denoise, latent_in, t, use_reentrant=False)
-            else:
-                noise = denoise(latent_in, t)
+            noise = guided_prediction(pipe, unet, latents, t, text, guidance_scale, resolution, with_graph and checkpoint_unet)
         with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
-            noise = noise.float()
-            if guided:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
+            if i == stop_at:
+                latents = family.predict_x0(scheduler, noise, t, latents)
+                break
             variance_noise = torch.randn(latents.shape, generator=generator).to(device) if eta > 0 else None
+            previous = latents
             latents = family.step(scheduler, noise, t, latents, eta, variance_noise)
+            if trajectory is not None:
+                trajectory.append((t, previous.detach(), noise.detach(), latents.detach()))
     images = decode(pipe.vae, latents, checkpoint_vae)
     return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [])
+
+
+def guidance_text(unet, prompt_embeds: Conditioning, negative_embeds: Conditioning, guidance_scale: float) -> Conditioning:
+    """The conditioning of one denoiser call: [negative; positive] under guidance, in the denoiser's dtype."""
+    text = with_guidance(negative_embeds, prompt_embeds) if guidance_scale > 1 else prompt_embeds
+    return text.to(next(unet.parameters()).dtype)
+
+
+def guided_prediction(pipe, unet, latents: torch.Tensor, t: torch.Tensor, text: Conditioning, guidance_scale: float,
+                      resolution: int, use_checkpoint: bool) -> torch.Tensor:
+    """The denoiser's classifier-free-guided prediction at `t` (a scalar, or one per sample), float32;
+    the denoiser call activation-checkpointed when `use_checkpoint`."""
+    family, guided = family_of(pipe), guidance_scale > 1
+    latent_in = torch.cat([latents] * 2) if guided else latents
+    latent_in = family.scale_input(pipe.scheduler, latent_in, t).to(next(unet.parameters()).dtype)
+    t_in = torch.cat([t] * 2) if guided and t.ndim else t
+
+    def denoise(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return family.denoise(unet, x, timestep, text, resolution)
+
+    pred = (checkpoint(denoise, latent_in, t_in, use_reentrant=False) if use_checkpoint else denoise(latent_in, t_in)).float()
+    if guided:
+        uncond, cond = pred.chunk(2)
+        pred = uncond + guidance_scale * (cond - uncond)
+    return pred
+
+
+def draft_lv_images(pipe, unet, prompt_embeds: Conditioning, negative_embeds: Conditioning, x0: torch.Tensor, copies: int,
+                    guidance_scale: float, eta: float, resolution: int, generator: torch.Generator,
+                    checkpoint_unet: bool = True, checkpoint_vae: bool = False) -> torch.Tensor:
+    """DRaFT-LV: `copies` times, re-noise the sampled x0 (no gradient into it) to the last step's noise
+    level and take that last step again with a graph; returns the copies' images (copies·B×3×H×W)."""
+    family, scheduler = family_of(pipe), pipe.scheduler
+    text = guidance_text(unet, prompt_embeds, negative_embeds, guidance_scale)
+    t, images = scheduler.timesteps[-1], []
+    for _ in range(copies):
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x1 = family.renoise(scheduler, x0.detach(), noise, t)
+        pred = guided_prediction(pipe, unet, x1, t, text, guidance_scale, resolution, checkpoint_unet)
+        variance_noise = torch.randn(x0.shape, generator=generator).to(x0.device) if eta > 0 else None
+        images.append(decode(pipe.vae, family.last_step(scheduler, pred, t, x1, eta, variance_noise), checkpoint_vae))
+    return torch.cat(images)
 
 
 def decode(vae, latents: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
