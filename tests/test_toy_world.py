@@ -91,7 +91,7 @@ def test_judge_rewards_score_eval_only_with_targets_from_prompt_or_options():
     assert red(x, prompts).tolist() == [float(s.caption_.colour == "red") for s in scenes]
     with pytest.raises(ValueError, match="names no count"):
         count(x[:1], ["a cat"])
-    with pytest.raises(ConfigError, match="eval_rewards only"):
+    with pytest.raises(ConfigError, match="has no gradient; accepted in eval_rewards"):
         validate_reward_specs([{"name": "toy_count_exact"}], "rewards", allow_empty=False)
     validate_reward_specs([{"name": "toy_count_exact", "target": 2}, {"name": "toy_color_match"}], "eval_rewards", True)
     with pytest.raises(ConfigError, match=r"eval_rewards\[0\]\.color: got 'orange'; accepted: red, yellow"):
