@@ -32,11 +32,20 @@ def _group_label(row: dict[str, Any], keys: list[str]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={row[k]}" for k in keys) or "all"
 
 
+def _grid_position(row: dict[str, Any], keys: list[str], spec) -> tuple:
+    """Where a trial's values sit in the space's grid_search lists (the order the user wrote)."""
+    position = []
+    for key in keys:
+        values = spec.space[key].get("values") or spec.space[key].get("categories") or []
+        position.append(values.index(row[key]) if row[key] in values else len(values))
+    return tuple(position)
+
+
 def curves(client, children: dict[str, Any], rows: list[dict[str, Any]], spec) -> dict[str, dict[str, np.ndarray]]:
     """group label → {step, metric (seeds × evals), images_seen, wall_s (means over seeds)}."""
     keys = [k for k in spec.space if k != SEED_KEY]
     per_group: dict[str, list[dict[int, tuple[float, float, float]]]] = defaultdict(list)
-    for row in rows:
+    for row in sorted(rows, key=lambda r: _grid_position(r, keys, spec)):  # groups in the grid's order
         run = children.get(row["trial_id"])
         if run is None or row["status"] == "error":
             continue
