@@ -30,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from alignprop.platform.config import ConfigError, LoraSection, ModelSection, model_path
 from alignprop.platform.quiet import loading_bars_off
-from alignprop.trainers.families import FAMILY_NAMES, PIPELINE_FAMILIES, family_of_denoiser, get_family
+from alignprop.trainers.families import FAMILY_NAMES, PIPELINE_FAMILIES, family_of_denoiser, get_family, pipeline_class
 
 TINY_SEED = 0  # the tiny pipeline's weights are a pure function of this seed: every worker agrees
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -173,7 +173,7 @@ def load_pipeline(model: ModelSection):
         name = model_path(model.pretrained)
         local = Path(name).expanduser().is_dir()
         with loading_bars_off():
-            pipe = family.pipeline_class.from_pretrained(
+            pipe = pipeline_class(family).from_pretrained(
                 str(Path(name).expanduser()) if local else name, revision=model.revision, dtype=dtype,
                 local_files_only=local, **family.load_kwargs(model),
             )
@@ -216,7 +216,7 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
     `pipe.load_lora_weights(directory)` (StableDiffusion[XL|3]Pipeline)."""
     family = family_of_denoiser(unet)
     prefix = family.lora_prefix
-    family.pipeline_class.save_lora_weights(directory, safe_serialization=True, **{
+    pipeline_class(family).save_lora_weights(directory, safe_serialization=True, **{
         f"{prefix}_lora_layers": lora_state_dict(unet),
         # rank/alpha/targets in the safetensors metadata: without it a loader assumes alpha = rank
         f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),

@@ -147,14 +147,14 @@ class AlignPropRecipe:
     def _generator(self, *parts: int) -> torch.Generator:
         return torch.Generator().manual_seed(hash((self.cfg.trainer.seed, *parts)) % 2**63)
 
-    def _sample(self, prompts: list[str], k: int, generator: torch.Generator, grad_steps=None):
+    def _sample(self, prompts: list[str], k: int, generator: torch.Generator, embeds=None, **options):
+        """`sample` with the run's sampling settings (options: grad_steps, stop_at, trajectory);
+        `embeds`: the prompts' conditioning when the caller has it already."""
         s = self.cfg.sampling
-        embeds = encode_prompts(self.pipe, prompts, self.ctx.device)
-        negative = self.negative.expand(len(prompts))
+        embeds = encode_prompts(self.pipe, prompts, self.ctx.device) if embeds is None else embeds
         return sample(
-            self.pipe, self.engine, embeds, negative, s.num_steps, k, s.guidance_scale, s.eta,
-            s.resolution, generator, checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae,
-            grad_steps=grad_steps,
+            self.pipe, self.engine, embeds, self.negative.expand(len(prompts)), s.num_steps, k, s.guidance_scale,
+            s.eta, s.resolution, generator, checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae, **options,
         )
 
     def _pick_prompts(self, step: int, micro: int) -> list[str]:
@@ -200,29 +200,25 @@ class AlignPropRecipe:
     def _train_images(self, prompts: list[str], step: int, micro: int):
         """(differentiable images, their prompts, steps with a graph, denoiser evaluations per sampled
         image incl. checkpoint recomputation) for the reward-gradient algorithms."""
-        cfg, s, device = self.cfg, self.cfg.sampling, self.ctx.device
+        cfg, s = self.cfg, self.cfg.sampling
         generator, per_call = self._generator(step, micro, self.ctx.rank), 2 if s.guidance_scale > 1 else 1
         recompute = per_call if s.checkpoint_unet else 0
-        embeds, negative = encode_prompts(self.pipe, prompts, device), self.negative.expand(len(prompts))
-        args = (self.pipe, self.engine, embeds, negative, s.num_steps)
         algorithm = cfg.trainer.algorithm
         if algorithm == "refl":  # the stop step per (step, micro-batch), the same on every rank
             stop = random.Random(f"alignprop-refl/{cfg.trainer.seed}/{step}/{micro}").randint(*refl_bounds(cfg))
-            out = sample(*args, 1, s.guidance_scale, s.eta, s.resolution, generator, checkpoint_unet=s.checkpoint_unet,
-                         checkpoint_vae=s.checkpoint_vae, grad_steps=[stop], stop_at=stop)
+            out = self._sample(prompts, 1, generator, grad_steps=[stop], stop_at=stop)
             return out.images, prompts, 1, (stop + 1) * per_call + recompute
         if algorithm == "draft_lv":
-            copies = cfg.draft_lv.copies
+            copies, embeds = cfg.draft_lv.copies, encode_prompts(self.pipe, prompts, self.ctx.device)
             with torch.no_grad():
-                x0 = sample(*args, 1, s.guidance_scale, s.eta, s.resolution, generator).latents
-            images = draft_lv_images(self.pipe, self.engine, embeds, negative, x0, copies, s.guidance_scale, s.eta,
-                                     s.resolution, generator, s.checkpoint_unet, s.checkpoint_vae)
+                x0 = self._sample(prompts, 1, generator, embeds=embeds).latents
+            images = draft_lv_images(self.pipe, self.engine, embeds, self.negative.expand(len(prompts)), x0, copies,
+                                     s.guidance_scale, s.eta, s.resolution, generator, s.checkpoint_unet, s.checkpoint_vae)
             return images, prompts * copies, 1, s.num_steps * per_call + copies * (per_call + recompute)
         # K (or per_step's cuts) per (step, micro-batch), not per rank: every rank runs the same
         # number of gradient steps, and a resumed run replays the same draws
         grad_steps = draw_grad_steps(cfg.truncation, s.num_steps, cfg.trainer.seed, step, micro)
-        out = sample(*args, len(grad_steps), s.guidance_scale, s.eta, s.resolution, generator,
-                     checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae, grad_steps=grad_steps)
+        out = self._sample(prompts, len(grad_steps), generator, grad_steps=grad_steps)
         return out.images, prompts, len(grad_steps), s.num_steps * per_call + len(grad_steps) * recompute
 
     def finish_step(self, values: torch.Tensor, seconds: float, sampled: int, evals_per_image: float) -> dict[str, float]:

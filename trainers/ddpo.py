@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from alignprop.trainers.families import ddim_mean_std
-from alignprop.trainers.sampling import encode_prompts, guidance_text, guided_prediction, sample
+from alignprop.trainers.alignprop import backward_calls_per_micro_batch
+from alignprop.trainers.sampling import encode_prompts, guidance_text, guided_prediction
 
 
 def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -94,8 +95,7 @@ def collect(recipe, step: int) -> dict:
         prompts = recipe._pick_prompts(step, micro)
         trajectory: list = []
         cond = encode_prompts(recipe.pipe, prompts, ctx.device)
-        out = sample(recipe.pipe, recipe.engine, cond, recipe.negative.expand(len(prompts)), s.num_steps, 1,
-                     s.guidance_scale, s.eta, s.resolution, recipe._generator(step, micro, ctx.rank), trajectory=trajectory)
+        out = recipe._sample(prompts, 1, recipe._generator(step, micro, ctx.rank), embeds=cond, trajectory=trajectory)
         total, components = recipe.rewards(out.images, prompts, gather=recipe._gather)
         rows.append(torch.stack([total, *components.values()], dim=1).float().cpu())
         timesteps = torch.stack([t for t, *_ in trajectory])
@@ -121,7 +121,7 @@ def train_step(recipe, step: int) -> dict[str, float]:
     batch = collect(recipe, step)
     advantages = advantages_for(recipe, batch["prompt_ids"], batch["rows"][:, 0])
     n_samples, n_steps = batch["x"].shape[:2]
-    n_train = max(1, int(n_steps * d.timestep_fraction))
+    n_train = backward_calls_per_micro_batch(cfg)  # the trained share of each trajectory's steps
     guidance = s.guidance_scale if d.train_cfg else 1.0
     order = random.Random(f"alignprop-ddpo/{cfg.trainer.seed}/{step}/{ctx.rank}")
     recipe.engine.train()

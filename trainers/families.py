@@ -29,11 +29,6 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 FAMILY_NAMES = ("sd", "sdxl", "sd3")
-PIPELINE_FAMILIES = {  # model_index.json's _class_name → family
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-}
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
@@ -114,12 +109,7 @@ class SDFamily:
     """Stable Diffusion 1.x/2.x: one CLIP text encoder, a UNet, DDIM."""
 
     name, denoiser_name, lora_prefix = "sd", "unet", "unet"
-
-    @property
-    def pipeline_class(self):
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
+    pipeline_name = "StableDiffusionPipeline"  # diffusers' class, as model_index.json's _class_name
 
     def load_kwargs(self, model) -> dict:
         return {"safety_checker": None, "requires_safety_checker": False}
@@ -172,13 +162,7 @@ class SDXLFamily(SDFamily):
     """SDXL: two CLIP encoders (penultimate states concatenated, pooled from the second), a UNet
     with added conditioning (pooled text + size/crop ids), DDIM."""
 
-    name = "sdxl"
-
-    @property
-    def pipeline_class(self):
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline
+    name, pipeline_name = "sdxl", "StableDiffusionXLPipeline"
 
     def load_kwargs(self, model) -> dict:
         return {}
@@ -207,12 +191,7 @@ class SD3Family:
     """SD3/SD3.5: an MMDiT transformer predicting the flow velocity, flow-matching Euler steps."""
 
     name, denoiser_name, lora_prefix = "sd3", "transformer", "transformer"
-
-    @property
-    def pipeline_class(self):
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
+    pipeline_name = "StableDiffusion3Pipeline"
 
     def load_kwargs(self, model) -> dict:
         return {} if model.t5 else {"text_encoder_3": None, "tokenizer_3": None}
@@ -271,6 +250,14 @@ class SD3Family:
 
 
 FAMILIES = {"sd": SDFamily(), "sdxl": SDXLFamily(), "sd3": SD3Family()}
+PIPELINE_FAMILIES = {f.pipeline_name: name for name, f in FAMILIES.items()}  # model_index.json's _class_name → family
+
+
+def pipeline_class(family):
+    """The family's diffusers pipeline class (from_pretrained, save_lora_weights)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_name)
 
 
 def get_family(name: str):

@@ -153,8 +153,6 @@ def sample(
     prediction, x_next)` tuple per step, detached.
     """
     family, scheduler = family_of(pipe), pipe.scheduler
-    if isinstance(prompt_embeds, torch.Tensor):  # SD's bare CLIP states
-        prompt_embeds, negative_embeds = Conditioning(prompt_embeds), Conditioning(negative_embeds)
     device, batch = prompt_embeds.embeds.device, prompt_embeds.batch
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (batch, denoiser(pipe).config.in_channels, resolution // scale, resolution // scale)
