@@ -1,5 +1,6 @@
 # make demo   — set up .venv and align the pretrained toy-world pipeline to its count reward (toy-count) through Ray Train + DeepSpeed, tracked in ./mlflow.db
 # make test   — set up .venv and run the test suite
+# make gpu-check — on a GPU machine: the GPU tests + the SD1.5-size bench, one table in gpu-check/ (≤ 8 min on one H100)
 # Setup is idempotent: .venv/.installed is rebuilt only when pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +19,7 @@ export RAY_AUTH_MODE ?= token
 # DeepSpeed JIT-builds its CPU comm op once per venv here (a shared cache rebuilds when venvs alternate)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test test-fast ui clean
+.PHONY: setup demo test test-fast gpu-check ui clean
 
 setup: $(VENV)/.installed
 
@@ -39,8 +40,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
+gpu-check: setup
+	$(PY) -m alignprop.platform.gpu_check --out gpu-check
+
 ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 clean:
-	rm -rf $(VENV) mlflow.db mlartifacts mlruns .pytest_cache
+	rm -rf $(VENV) mlflow.db mlartifacts mlruns .pytest_cache gpu-check

@@ -3,7 +3,7 @@
     alignprop train --config tiny-cpu [key=value ...]      # AlignProp through Ray Train + DeepSpeed
     alignprop tune --config tiny-cpu --space k_lr --num-samples 8   # sweep; one Ray Train run per trial
     alignprop sample --config tiny-cpu --lora runs:/<id>/lora/final --prompt "a cat" --out samples/
-    alignprop bench --config tiny-cpu                       # s/step and peak memory vs K, checkpointing
+    alignprop bench --config tiny-cpu [--json]              # s/step per phase, FLOPs, memory vs K, checkpointing
     alignprop soup --lora A --lora B --weights 0.7 0.3 --out DIR  # mix trained adapters
     alignprop tiny-model DIR [--family sd|sdxl|sd3]         # save a tiny offline pipeline
     alignprop rewards list                                  # rewards, what they load, whether weights are here
@@ -55,9 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="output directory")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--tracking-uri", help="MLflow URI used to resolve runs:/ LoRA URIs")
-    bench = sub.add_parser("bench", help="seconds/step and peak memory for K in {1, N/2, N}, with/without checkpointing")
+    bench = sub.add_parser("bench", help="seconds/step per phase, UNet FLOPs, MFU and peak memory over K × batch × checkpointing")
     _config_args(bench)
     bench.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up)")
+    bench.add_argument("--k", help="comma-separated K values (default: 1, N/2, N)")
+    bench.add_argument("--batch", help="comma-separated prompts per step (default: trainer.batch_size)")
+    bench.add_argument("--checkpoint", default="all,none,auto", help="comma-separated sampling.checkpoint_unet modes (default: all,none,auto)")
+    bench.add_argument("--json", action="store_true", help="one JSON object per cell and line instead of a table")
     soup = sub.add_parser("soup", help="mix trained LoRA adapters into one (exact low-rank sum, or the paper's parameter "
                                        "interpolation); --sweep: score the mix over a grid of α, logged to MLflow")
     soup.add_argument("--lora", action="append", required=True,
@@ -176,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:  # one-line argument errors (counts, shapes, modes)
                 raise ConfigError(str(err)) from None
         elif args.command == "bench":
-            from alignprop.platform.bench import run_bench
+            from alignprop.platform.bench import parse_list, run_bench
 
-            run_bench(load_config(args.config, list(args.overrides)), args.steps)
+            ks = parse_list(args.k, int, "--k", "comma-separated integers such as 1,5,50")
+            batches = parse_list(args.batch, int, "--batch", "comma-separated integers such as 1,2,4")
+            modes = parse_list(args.checkpoint, str, "--checkpoint", "comma-separated modes among all, none, auto")
+            run_bench(load_config(args.config, list(args.overrides)), args.steps, ks, batches, modes, args.json)
     except (ConfigError, FileNotFoundError, RunBusyError, UnsafeCheckpointError) as err:
         print(f"alignprop: error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 PRESET_DIR = Path(__file__).parent / "configs"
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+ARCH_NAMES = ("sd15", "sd21")  # model.arch (platform/arches.py)
+CHECKPOINT_MODES = ("all", "none", "auto")  # sampling.checkpoint_unet (trainers/sampling.py)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # perf.compile_mode
 FAMILY_CHOICES = ("auto", "sd", "sdxl", "sd3")  # trainers/families.py
 ALGORITHMS = ("alignprop", "ddpo", "refl", "draft_lv")  # trainer.algorithm
 # Run, sweep and config names become directory names and MLflow tag values: keep them plain.
@@ -43,6 +46,9 @@ class ConfigError(ValueError):
 class ModelSection:
     pretrained: Optional[str] = None  # hub id, local diffusers directory, or toy-world (the shipped toy pipeline)
     tiny: bool = False  # build the tiny offline pipeline instead
+    # sd15 | sd21: build that published full-size architecture with random weights, offline
+    # (platform/arches.py): real sizes for benchmarks and tests without the hub
+    arch: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"  # frozen VAE / text encoder / UNet weights
     # auto: read from the pipeline (model_index.json's _class_name; sd for model.tiny) | sd (SD 1.x/2.x
@@ -69,7 +75,10 @@ class SamplingSection:
     guidance_scale: float = 5.0
     eta: float = 1.0
     resolution: int = 512
-    checkpoint_unet: bool = True  # activation checkpointing of every UNet call in the window
+    # activation checkpointing of the denoiser calls in the window (trainers/sampling.py CheckpointPlan):
+    # all (true) | none (false) | auto: keep the activations of as many calls as fit activation_budget_mb
+    checkpoint_unet: str = "all"
+    activation_budget_mb: Optional[float] = None  # auto's budget; null: half the free GPU memory (CPU: 1/4 of MemAvailable)
     checkpoint_vae: bool = False
 
 
@@ -162,6 +171,21 @@ class DeepSpeedSection:
 
 
 @dataclass
+class PerfSection:
+    """Speed switches (trainers/fast_paths.py); none changes what is trained except autocast's rounding."""
+
+    # none | bf16 | fp16: run the denoiser, VAE and rewards under torch.autocast (frozen weights in
+    # model.dtype, LoRA weights and their AdamW state fp32; use with deepspeed.precision fp32/auto)
+    autocast: str = "none"
+    attention: str = "sdpa"  # sdpa (torch's scaled_dot_product_attention) | eager (diffusers' AttnProcessor)
+    channels_last: bool = False  # UNet and VAE in channels-last memory format (convolutions)
+    tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls and convolutions
+    compile_prefix: bool = False  # torch.compile the denoiser for the no-grad steps before the window
+    # torch.compile's mode for it: default | reduce-overhead (CUDA graphs: no per-kernel launch cost) | max-autotune
+    compile_mode: str = "default"
+
+
+@dataclass
 class RaySection:
     address: Optional[str] = None  # None: RAY_ADDRESS or a local Ray
     num_workers: int = 1
@@ -194,6 +218,7 @@ class RunConfig:
     refl: ReFLSection = field(default_factory=ReFLSection)
     draft_lv: DraftLVSection = field(default_factory=DraftLVSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    perf: PerfSection = field(default_factory=PerfSection)
     ray: RaySection = field(default_factory=RaySection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -330,7 +355,10 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(SAFE_NAME.fullmatch(cfg.name)), "name", f"got {cfg.name!r}; accepted: {SAFE_NAME_TEXT}")
     if cfg.tracking.run_name is not None:
         _check(bool(SAFE_NAME.fullmatch(cfg.tracking.run_name)), "tracking.run_name", f"got {cfg.tracking.run_name!r}; accepted: {SAFE_NAME_TEXT}")
-    _check(m.tiny != bool(m.pretrained), "model", "set exactly one of model.pretrained (hub id or local dir) or model.tiny=true")
+    _check(m.tiny + bool(m.pretrained) + (m.arch is not None) == 1, "model",
+           "set exactly one of model.pretrained (hub id or local dir), model.tiny=true or model.arch (sd15, sd21)")
+    _check(m.arch is None or m.arch in ARCH_NAMES, "model.arch", f"got {m.arch!r}; accepted: {', '.join(ARCH_NAMES)}")
+    _check(m.arch is None or m.family in ("auto", "sd"), "model.family", f"got {m.family!r} with model.arch={m.arch}; accepted: auto or sd")
     _check(m.dtype in DTYPE_NAMES, "model.dtype", f"got {m.dtype!r}; accepted: {', '.join(DTYPE_NAMES)}")
     _check(m.family in FAMILY_CHOICES, "model.family", f"got {m.family!r}; accepted: {', '.join(FAMILY_CHOICES)}")
     _check(m.t5 or m.family in ("sd3", "auto"), "model.t5", f"false applies to model.family sd3 only (got family {m.family!r}); accepted: true, or model.family=sd3")
@@ -343,6 +371,11 @@ def validate(cfg: RunConfig) -> None:
     _check(s.guidance_scale >= 1, "sampling.guidance_scale", f"got {s.guidance_scale}; accepted: >= 1 (1 disables classifier-free guidance)")
     _check(0 <= s.eta <= 1, "sampling.eta", f"got {s.eta}; accepted: 0 <= eta <= 1")
     _check(s.resolution >= 8 and s.resolution % 8 == 0, "sampling.resolution", f"got {s.resolution}; accepted: a multiple of 8, >= 8")
+    s.checkpoint_unet = {"true": "all", "false": "none"}.get(str(s.checkpoint_unet).lower(), s.checkpoint_unet)
+    _check(s.checkpoint_unet in CHECKPOINT_MODES, "sampling.checkpoint_unet", f"got {s.checkpoint_unet!r}; accepted: {', '.join(CHECKPOINT_MODES)} (true = all, false = none)")
+    _check(s.activation_budget_mb is None or s.activation_budget_mb >= 0, "sampling.activation_budget_mb",
+           f"got {s.activation_budget_mb}; accepted: megabytes >= 0, or null for half the free GPU memory")
+    _validate_perf(cfg)
     _validate_truncation(t, s.num_steps)
     _check(o.lr > 0, "optim.lr", f"got {o.lr}; accepted: > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"got {list(o.betas)}; accepted: two numbers in [0, 1)")
@@ -414,6 +447,15 @@ def _validate_algorithm(cfg: RunConfig) -> None:
     low, high = refl_bounds(cfg)
     _check(0 <= low <= high <= n - 1, "refl.low", f"got low={low}, high={high}; accepted: 0 <= low <= high <= sampling.num_steps - 1 ({n - 1})")
     _check(cfg.draft_lv.copies >= 1, "draft_lv.copies", f"got {cfg.draft_lv.copies}; accepted: an integer >= 1")
+
+
+def _validate_perf(cfg: RunConfig) -> None:
+    p = cfg.perf
+    _check(p.autocast in ("none", "bf16", "fp16"), "perf.autocast", f"got {p.autocast!r}; accepted: none, bf16, fp16")
+    _check(p.autocast == "none" or cfg.deepspeed.precision in ("auto", "fp32"), "perf.autocast",
+           f"got {p.autocast} with deepspeed.precision={cfg.deepspeed.precision}; accepted: none, or deepspeed.precision auto/fp32 (autocast keeps fp32 LoRA weights)")
+    _check(p.attention in ("sdpa", "eager"), "perf.attention", f"got {p.attention!r}; accepted: sdpa, eager")
+    _check(p.compile_mode in COMPILE_MODES, "perf.compile_mode", f"got {p.compile_mode!r}; accepted: {', '.join(COMPILE_MODES)}")
 
 
 def _validate_truncation(t: TruncationSection, n: int) -> None:
@@ -539,7 +581,7 @@ def _check_target_modules(cfg: RunConfig) -> None:
     from alignprop.platform.models import denoiser_module_names, resolve_family
 
     family = resolve_family(cfg.model)
-    found = denoiser_module_names(family, cfg.model.tiny, cfg.model.pretrained, cfg.model.revision) if family else None
+    found = denoiser_module_names(family, cfg.model.tiny, cfg.model.pretrained, cfg.model.revision, cfg.model.arch) if family else None
     if found is None:  # a hub id that is not in the local cache: the worker checks it
         return
     names, linear = found
@@ -588,12 +630,18 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 # Keys that do not change the training trajectory: a rerun that only changes these resumes.
 _NOT_IN_RUN_HASH = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_every", "trainer.keep_checkpoints", "ray.", "tracking.")
+# Fields added after runs existed: at these values they leave run names as they were, so those runs still resume.
+_ADDED_DEFAULTS = {"model.arch": None, "sampling.activation_budget_mb": None, "perf.autocast": "none", "perf.attention": "sdpa", "perf.channels_last": False,
+                   "perf.tf32": True, "perf.compile_prefix": False, "perf.compile_mode": "default"}
 
 
 def run_name(cfg: RunConfig) -> str:
     """Deterministic: an explicit tracking.run_name, else `<name>-<8 hex of the trajectory config>`."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    shaping = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(_NOT_IN_RUN_HASH)}
+    shaping = {k: v for k, v in flatten(to_dict(cfg)).items()
+               if not k.startswith(_NOT_IN_RUN_HASH) and (k not in _ADDED_DEFAULTS or v != _ADDED_DEFAULTS[k])}
+    if shaping.get("sampling.checkpoint_unet") in ("all", "none"):  # was a bool
+        shaping["sampling.checkpoint_unet"] = shaping["sampling.checkpoint_unet"] == "all"
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{cfg.name}-{digest}"

@@ -155,20 +155,28 @@ def resolve_family(model: ModelSection, local_only: bool = True) -> str | None:
     """model.family, or (auto) the pipeline's: sd for model.tiny, else read from model_index.json."""
     if model.family != "auto":
         return model.family
-    if model.tiny:
+    if model.tiny or model.arch:
         return "sd"
     return pretrained_family(model.pretrained, model.revision, local_only)
 
 
-def load_pipeline(model: ModelSection):
+def load_pipeline(model: ModelSection, device: torch.device | str | None = None):
     """The frozen base pipeline named by the config, with its family's training scheduler (DDIM
-    for sd/sdxl, flow-matching Euler for sd3), in eval mode."""
+    for sd/sdxl, flow-matching Euler for sd3), in eval mode. `device`: where `model.arch`'s random
+    weights are initialised (on a GPU in a second instead of a minute of CPU); the caller moves the
+    pipeline there either way."""
     dtype = DTYPES[model.dtype]
     family = get_family(resolve_family(model, local_only=False))
     if model.tiny:
         pipe = build_tiny(family.name, t5=model.t5)
-        if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
+        for part in pipe.components.values():  # nn.Module.to: diffusers' .to warns on every cast
+            if isinstance(part, torch.nn.Module) and dtype != torch.float32:
+                torch.nn.Module.to(part, dtype=dtype)
+    elif model.arch:
+        from alignprop.platform.arches import build_arch_pipeline
+
+        with torch.device(device or "cpu"):
+            pipe = build_arch_pipeline(model.arch, seed=TINY_SEED, dtype=dtype)
     else:
         name = model_path(model.pretrained)
         local = Path(name).expanduser().is_dir()
@@ -225,7 +233,8 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
 
 
 @lru_cache(maxsize=8)
-def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revision: str | None = None) -> tuple[frozenset[str], tuple[str, ...]] | None:
+def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revision: str | None = None,
+                          arch: str | None = None) -> tuple[frozenset[str], tuple[str, ...]] | None:
     """(every module name, the distinct leaf names of its Linear layers) of the run's denoiser (UNet
     or transformer): what `lora.target_modules` must match. Built on the meta device from the config
     alone; None for a hub id whose config is not in the local cache (the worker then checks)."""
@@ -240,6 +249,10 @@ def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revis
     try:
         if tiny:
             config = None
+        elif arch:
+            from alignprop.platform.arches import arch_denoiser_config
+
+            config = arch_denoiser_config(arch)
         elif path.is_dir():
             config = cls.load_config(str(path / sub))
         else:

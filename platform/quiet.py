@@ -40,6 +40,7 @@ KNOWN_NOISE: list[tuple[str, str]] = [
 _NOISE = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_NOISE))
 # A FutureWarning torch raises for the collective DeepSpeed calls in ZeRO (not our code).
 _DEPRECATED_COLLECTIVE = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+_DYNAMO_LRU_CACHE = r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function"
 
 
 class _DropKnownNoise(logging.Filter):
@@ -61,6 +62,8 @@ def quiet_known_noise() -> None:
         if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
             logger.addFilter(_DropKnownNoise())
     warnings.filterwarnings("ignore", message=_DEPRECATED_COLLECTIVE, category=FutureWarning)
+    # torch.compile (perf.compile_prefix) tracing diffusers' `is_torch_version` (an lru_cache) in every up/downsampler
+    warnings.filterwarnings("ignore", message=_DYNAMO_LRU_CACHE, category=UserWarning)
     # MLflow draws a bar per artifact download (the model logged after training downloads a few
     # small files); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings them back.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

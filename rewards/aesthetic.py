@@ -12,6 +12,9 @@ antialiased, centre crop: `clip_preprocess`, as the LAION predictor's CLIP `prep
 `resize: official` the official AlignProp training code's (`torchvision.transforms.Resize(224)`
 on tensors under its torchvision 0.15.2: bilinear, no antialias; + centre crop:
 `official_preprocess`).
+
+`dtype` (`auto` default: the worker's compute dtype, float32 outside a worker; or float32,
+bfloat16, float16) is the dtype of the CLIP tower and MLP; preprocessing and scores stay float32.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from alignprop.rewards.base import RESIZE_MODES, Reward, clip_preprocess, official_preprocess, read_state_dict
+from alignprop.rewards.base import (DTYPE_CHOICES, RESIZE_MODES, Reward, clip_preprocess, official_preprocess,
+                                    read_state_dict)
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 MLP_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
@@ -73,15 +77,16 @@ def load_clip_vision(clip_model: str, local_files_only: bool) -> nn.Module:
 class Aesthetic(Reward):
     """LAION aesthetic score of each image; with `target`, −|target − score| (AlignProp's form).
 
-    Frozen on construction (eval mode, no parameter requires grad). `resize`: see the module doc.
+    Frozen on construction (eval mode, no parameter requires grad). `resize`, `dtype`: see the module doc.
     """
 
     name = "aesthetic"
     needs = f"CLIP ViT-L/14 (openai/clip-vit-large-patch14) + LAION MLP {MLP_FILE} ({MLP_URL})"
-    choices = {"resize": RESIZE_MODES}
+    choices = {"resize": RESIZE_MODES, "dtype": DTYPE_CHOICES}
 
     def __init__(self, clip_model: str = "openai/clip-vit-large-patch14", mlp_path: Optional[str] = None,
-                 target: Optional[float] = None, local_files_only: bool = False, resize: str = "reference"):
+                 target: Optional[float] = None, local_files_only: bool = False, resize: str = "reference",
+                 dtype: str = "auto"):
         super().__init__()
         if resize not in RESIZE_MODES:
             raise ValueError(f"aesthetic: resize {resize!r} unknown; accepted: {', '.join(RESIZE_MODES)}")
@@ -92,12 +97,11 @@ class Aesthetic(Reward):
         self.mlp.load_state_dict(state)
         self.image_size = self.clip.config.image_size
         self.target = target
-        self.freeze()
+        self.freeze().cast(dtype)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         preprocess = clip_preprocess if self.resize == "reference" else official_preprocess
-        pixels = preprocess(images, self.image_size).to(self.clip.dtype)
-        embed = self.clip(pixel_values=pixels).image_embeds
+        embed = self.clip(pixel_values=self._to_model(preprocess(images, self.image_size))).image_embeds.float()
         embed = embed / embed.norm(dim=-1, keepdim=True)
-        scores = self.mlp(embed.to(self.mlp.layers[0].weight.dtype)).squeeze(-1).float()
+        scores = self.mlp(self._to_model(embed)).squeeze(-1).float()
         return scores if self.target is None else -(self.target - scores).abs()

@@ -12,6 +12,9 @@ from torch import nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# A model-backed reward's `dtype` option: the network's weights and inputs; `auto` = the worker's.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 class Reward(nn.Module):
@@ -20,7 +23,9 @@ class Reward(nn.Module):
     Subclasses implement `score(images, prompts) -> Tensor[B]` with `images` a float tensor in
     [0, 1] of shape B×3×H×W on the reward's device. Model-backed rewards do their own
     preprocessing on tensors (resize, normalise) so gradients flow back to the pixels; their
-    weights are frozen (`requires_grad_(False)`, eval mode) by `freeze()`.
+    weights are frozen (`requires_grad_(False)`, eval mode) by `freeze()`. They take a `dtype`
+    option (DTYPE_CHOICES) and run their network in `compute_dtype` (`cast`): preprocessing stays
+    float32, `_to_model` casts its output just before the forward, and scores come back float32.
     """
 
     name: str = "reward"
@@ -28,6 +33,7 @@ class Reward(nn.Module):
     differentiable: bool = True  # False: a metric for eval_rewards only
     # Options with a fixed set of accepted values, refused at config load otherwise (validate_reward_specs).
     choices: dict[str, tuple] = {}
+    compute_dtype: torch.dtype = torch.float32  # the network's dtype (model-backed rewards, set by `cast`)
 
     @classmethod
     def spec_error(cls, spec: dict[str, Any]) -> Optional[tuple[str, str]]:
@@ -47,6 +53,17 @@ class Reward(nn.Module):
     def freeze(self) -> "Reward":
         self.requires_grad_(False)
         return self.eval()
+
+    def cast(self, dtype: str = "auto", worker: Optional[torch.dtype] = None) -> "Reward":
+        """Weights to the `dtype` option's dtype; `auto`: the worker's compute dtype (float32 if None)."""
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"{self.name}: dtype {dtype!r} unknown; accepted: {', '.join(DTYPE_CHOICES)}")
+        self.compute_dtype = (worker or torch.float32) if dtype == "auto" else DTYPES[dtype]
+        return self.to(self.compute_dtype)
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed float32 input → the network's dtype (a differentiable cast: grads reach the pixels)."""
+        return x.to(self.compute_dtype)
 
 
 def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
@@ -287,13 +304,18 @@ def _check_weights_location(value: Any, where: str, required_file: bool) -> None
         raise ConfigError(f"{where}: no such file or directory {value!r}; accepted: {accepted}")
 
 
-def build_reward(spec: dict[str, Any]) -> Reward:
+def build_reward(spec: dict[str, Any], dtype: Optional[torch.dtype] = None) -> Reward:
+    """The reward a spec names, frozen; a model-backed one's network in its `dtype` option, `auto`
+    (the default) meaning `dtype`, the worker's compute dtype (None: float32)."""
+    cls = _registry()[spec["name"]]
     options = {k: v for k, v in spec.items() if k not in _COMBINATION_KEYS}
-    return _registry()[spec["name"]](**options).freeze()
+    reward = cls(**options).freeze()
+    return reward.cast(options.get("dtype", "auto"), dtype) if "dtype" in _options(cls) else reward
 
 
-def build_rewards(specs: Sequence[dict[str, Any]]) -> WeightedRewards:
-    named = [(s.get("label", s["name"]), s.get("weight", 1.0), build_reward(s)) for s in specs]
+def build_rewards(specs: Sequence[dict[str, Any]], dtype: Optional[torch.dtype] = None) -> WeightedRewards:
+    """The weighted combination of `specs`; `dtype`: the worker's compute dtype (see `build_reward`)."""
+    named = [(s.get("label", s["name"]), s.get("weight", 1.0), build_reward(s, dtype)) for s in specs]
     return WeightedRewards(named, normalize=[bool(s.get("normalize", False)) for s in specs],
                            normalize_decay=[s.get("normalize_decay", NORMALIZE_DECAY) for s in specs])
 

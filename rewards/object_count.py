@@ -13,6 +13,8 @@ computed without grad). The reward is −|soft count − target|, differentiable
 
 `model` is a hub id or local directory holding an OwlViTForObjectDetection or
 Owlv2ForObjectDetection checkpoint (picked by its config's model_type) and its tokenizer.
+`dtype` (`auto` default: the worker's compute dtype, float32 outside a worker; or float32, bfloat16,
+float16) is the detector's dtype; preprocessing, box probabilities and scores stay float32.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignprop.rewards.base import CLIP_MEAN, CLIP_STD, Reward
+from alignprop.rewards.base import CLIP_MEAN, CLIP_STD, DTYPE_CHOICES, Reward
 
 NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
                 "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
@@ -175,10 +177,11 @@ class ObjectCount(Reward):
 
     name = "object_count"
     needs = "OWL-ViT (google/owlvit-base-patch32) or OWLv2 (google/owlv2-base-patch16-ensemble) detector"
+    choices = {"dtype": DTYPE_CHOICES}
 
     def __init__(self, model: str = "google/owlvit-base-patch32", local_files_only: bool = False,
                  target: Optional[int] = None, object: Optional[str] = None, temperature: float = 100.0,
-                 threshold: float = 0.1, nms_iou: Optional[float] = 0.3):
+                 threshold: float = 0.1, nms_iou: Optional[float] = 0.3, dtype: str = "auto"):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"object_count: temperature must be > 0, got {temperature!r}")
@@ -186,6 +189,7 @@ class ObjectCount(Reward):
             raise ValueError(f"object_count: threshold must be in (0, 1), got {threshold!r}")
         self.detector, self.tokenizer, self.owlv2 = load_detector(model, local_files_only)
         self.detector.requires_grad_(False).eval()
+        self.cast(dtype)
         vision = self.detector.config.vision_config
         self.image_size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
         self.max_length = self.detector.config.text_config.max_position_embeddings
@@ -211,9 +215,9 @@ class ObjectCount(Reward):
         """(per-box probability of each image's query, B×N; boxes B×N×4 cx, cy, w, h)."""
         tokens = self.tokenizer(list(queries), padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt").to(images.device)
-        pixels = detection_preprocess(images, self.image_size, self.owlv2).to(self.detector.dtype)
+        pixels = self._to_model(detection_preprocess(images, self.image_size, self.owlv2))
         out = self.detector(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
-        return out.logits[..., 0].float().sigmoid(), out.pred_boxes
+        return out.logits[..., 0].float().sigmoid(), out.pred_boxes.float()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:

@@ -26,6 +26,9 @@ Preprocessing follows each model's reference pipeline:
   (`HPS_v2_compressed.pt`, `HPS_v2.1_compressed.pt`). It is loaded into transformers' CLIPModel
   through `open_clip_to_transformers`, no open_clip needed. The HPS score is the plain cosine
   (typically ~0.2–0.3); the "×100" often quoted is display only and is not applied here.
+
+`dtype` (both; `auto` default: the worker's compute dtype, float32 outside a worker; or float32,
+bfloat16, float16) is the CLIP weights' dtype; preprocessing, the cosine and the scores stay float32.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignprop.rewards.base import (CLIP_MEAN, CLIP_STD, RESIZE_MODES, Reward, clip_preprocess, official_preprocess,
-                                    read_state_dict)
+from alignprop.rewards.base import (CLIP_MEAN, CLIP_STD, DTYPE_CHOICES, RESIZE_MODES, Reward, clip_preprocess,
+                                    official_preprocess, read_state_dict)
 
 CLIP_H14_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -99,8 +102,8 @@ def clip_similarity(model: nn.Module, tokenizer, images: torch.Tensor, prompts: 
     """cos(image_embeds[i], text_embeds[i]) for each image and its own prompt, float32, shape (B,).
 
     `model` is a transformers CLIPModel. Images go through `preprocess(images, image_size)` on
-    tensors at the model's vision `image_size`; prompts through `clean` (if given), then are padded
-    to the text context (77) and truncated.
+    tensors at the model's vision `image_size` (float32), then are cast to the model's dtype; prompts
+    through `clean` (if given), then are padded to the text context (77) and truncated.
     """
     prompts = list(prompts)
     if len(prompts) != images.shape[0]:
@@ -128,25 +131,28 @@ class PickScore(Reward):
     """PickScore v1: `logit_scale.exp() * cos(image, prompt)`; with `scale=False`, the raw cosine.
 
     Options: `model` (CLIPModel hub id or directory), `processor` (where the tokenizer lives: hub id
-    or directory of the CLIP-H processor/tokenizer), `local_files_only`, `scale`.
+    or directory of the CLIP-H processor/tokenizer), `local_files_only`, `scale`, `dtype` (module doc).
+    The scale is read once in float32 at load: a bf16 logit_scale would shift it by ~1 %.
     """
 
     name = "pickscore"
     needs = f"CLIPModel {PICKSCORE_MODEL} + tokenizer {CLIP_H14_TOKENIZER} (hub ids or local directories)"
+    choices = {"dtype": DTYPE_CHOICES}
 
     def __init__(self, model: str = PICKSCORE_MODEL, processor: str = CLIP_H14_TOKENIZER,
-                 local_files_only: bool = False, scale: bool = True):
+                 local_files_only: bool = False, scale: bool = True, dtype: str = "auto"):
         super().__init__()
         from transformers import CLIPModel
 
         self.tokenizer = load_clip_tokenizer(processor, local_files_only)
         self.clip = CLIPModel.from_pretrained(model, local_files_only=local_files_only)
         self.scale = scale
-        self.freeze()
+        self.logit_scale = self.clip.logit_scale.detach().float().exp().item()  # before `cast`: exact
+        self.freeze().cast(dtype)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         cos = clip_similarity(self.clip, self.tokenizer, images, prompts)
-        return self.clip.logit_scale.exp().float() * cos if self.scale else cos
+        return self.logit_scale * cos if self.scale else cos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,20 +285,21 @@ class HPSv2(Reward):
     (CLIPConfig hub id or directory; default: ViT-H-14 built in code, nothing fetched),
     `local_files_only` (for the tokenizer and config), `resize` (`reference`: HPSv2's own
     longest-side resize + zero pad, `hpsv2_preprocess`; `official`: the official AlignProp code's
-    bilinear shorter-side `Resize(224)` + centre crop).
+    bilinear shorter-side `Resize(224)` + centre crop), `dtype` (module doc).
     """
 
     name = "hpsv2"
     needs = (f"{HPS_FILES['v2.1']} (version v2.1, default) or {HPS_FILES['v2.0']} (version v2.0) from {HPS_URL} "
              f"+ tokenizer {CLIP_H14_TOKENIZER}")
-    choices = {"version": tuple(HPS_FILES), "resize": RESIZE_MODES}
+    choices = {"version": tuple(HPS_FILES), "resize": RESIZE_MODES, "dtype": DTYPE_CHOICES}
 
     @classmethod
     def spec_error(cls, spec):
         return _version_mismatch(spec.get("checkpoint"), spec.get("version", HPS_VERSION))
 
     def __init__(self, checkpoint: Optional[str] = None, version: str = HPS_VERSION, tokenizer: str = CLIP_H14_TOKENIZER,
-                 config: Optional[str] = None, local_files_only: bool = False, resize: str = "reference"):
+                 config: Optional[str] = None, local_files_only: bool = False, resize: str = "reference",
+                 dtype: str = "auto"):
         super().__init__()
         if version not in HPS_FILES:
             raise ValueError(f"hpsv2: version {version!r} unknown; accepted: {', '.join(HPS_FILES)}")
@@ -315,7 +322,7 @@ class HPSv2(Reward):
             clip_config = CLIPConfig.from_pretrained(config, local_files_only=local_files_only)
         self.tokenizer = load_clip_tokenizer(tokenizer, local_files_only)
         self.clip = load_open_clip_checkpoint(checkpoint, clip_config)
-        self.freeze()
+        self.freeze().cast(dtype)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         preprocess = hpsv2_preprocess if self.resize == "reference" else official_preprocess

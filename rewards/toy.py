@@ -13,6 +13,8 @@ the toy-world pipeline. The judge (`alignprop.platform.toy_judge`) reads pixels 
 model; scored on held-out prompts beside a learned reward, it shows over-optimisation (the learned
 reward rises while the true metric falls). Targets come from the option, else from the prompt (the
 toy grammar "two red circles on a white background", or the first count / colour word in it).
+`toy_count` and `toy_color` take `dtype` (`auto` default: the worker's compute dtype, float32
+outside a worker; or float32, bfloat16, float16) for the CNN; resizing and scores stay float32.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from alignprop.platform.toy_judge import judge
 from alignprop.platform.toy_world import COLOURS, COUNTS, SHIPPED_DIR, SIZE, prompt_colour, prompt_count
-from alignprop.rewards.base import Reward, read_state_dict
+from alignprop.rewards.base import DTYPE_CHOICES, Reward, read_state_dict
 
 REWARD_DIR = SHIPPED_DIR / "rewards"
 
@@ -48,7 +50,7 @@ class ToyNet(nn.Module):
         x = images.float()
         if x.shape[-2:] != (SIZE, SIZE):
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
-        return self.body(x * 2 - 1)
+        return self.body((x * 2 - 1).to(self.body[0].weight.dtype)).float()  # float32 maps at any weight dtype
 
 
 def count_density(net: ToyNet, images: torch.Tensor) -> torch.Tensor:
@@ -104,11 +106,13 @@ class ToyCount(Reward):
 
     name = "toy_count"
     needs = "the toy world's count CNN (shipped in platform/toy_world_pretrained/rewards; `model` for another)"
+    choices = {"dtype": DTYPE_CHOICES}
 
-    def __init__(self, target: Optional[int] = None, model: Optional[str] = None):
+    def __init__(self, target: Optional[int] = None, model: Optional[str] = None, dtype: str = "auto"):
         super().__init__()
         self.target = target
         self.net = load_toy_net(model, "count")
+        self.cast(dtype)
 
     @classmethod
     def spec_error(cls, spec: dict[str, Any]) -> Optional[tuple[str, str]]:
@@ -127,12 +131,13 @@ class ToyColor(Reward):
 
     name = "toy_color"
     needs = "the toy world's colour CNN (shipped in platform/toy_world_pretrained/rewards; `model` for another)"
-    choices = {"color": tuple(COLOURS)}
+    choices = {"color": tuple(COLOURS), "dtype": DTYPE_CHOICES}
 
-    def __init__(self, color: Optional[str] = None, model: Optional[str] = None):
+    def __init__(self, color: Optional[str] = None, model: Optional[str] = None, dtype: str = "auto"):
         super().__init__()
         self.color = color
         self.net = load_toy_net(model, "color")
+        self.cast(dtype)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         wanted = _wanted_colours(self.color, prompts, self.name)

@@ -32,15 +32,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def deepspeed_world():
-    """A one-process gloo world, as a launcher would set it up (DeepSpeed needs the env vars)."""
+    """A one-process world, as a launcher would set it up (DeepSpeed needs the env vars): NCCL where
+    CUDA is (`pytest -m gpu`), gloo elsewhere."""
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     yield
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        dist.destroy_process_group()  # else NCCL warns at exit that the group leaks
 
 
 @pytest.fixture()

@@ -130,7 +130,8 @@ def test_bench_cli_refuses_zero_steps(tmp_path):
 def test_run_bench_checks_steps_before_starting_anything(steps, monkeypatch):
     from alignprop.platform import bench
 
-    monkeypatch.setattr(bench, "_run_cell", lambda *a: pytest.fail("a cell started"))
+    monkeypatch.setattr(bench, "_spawned", lambda *a: pytest.fail("a cell started"))
+    monkeypatch.setattr(bench, "run_cells", lambda *a: pytest.fail("a cell started"))
     with pytest.raises(ConfigError) as err:
         bench.run_bench(load_config("tiny-cpu"), steps)
     assert str(err.value) == f"--steps: got {steps!r}; accepted: an integer >= 1"

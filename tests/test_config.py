@@ -86,6 +86,15 @@ BAD = [
     (["rewards=[{name: aesthetic, mlp_path: /no/such/aesthetic.pth}]"], "rewards[0].mlp_path"),
     (["eval_rewards=[{name: hpsv2, checkpoint: missing.pt}]"], "eval_rewards[0].checkpoint"),
     (["ray.storage_path=/etc/hostname/below-a-file"], "ray.storage_path"),
+    # issue 10: architectures, the checkpoint policy, the speed switches
+    (["model.tiny=false", "model.arch=sd35"], "model.arch"),
+    (["model.arch=sd15"], "model"),  # with model.tiny=true: two sources
+    (["model.tiny=false", "model.arch=sd15", "model.family=sdxl"], "model.family"),
+    (["sampling.checkpoint_unet=some"], "sampling.checkpoint_unet"),
+    (["sampling.activation_budget_mb=-1"], "sampling.activation_budget_mb"),
+    (["perf.autocast=fp8"], "perf.autocast"),
+    (["perf.autocast=bf16", "deepspeed.precision=bf16", "ray.use_gpu=true"], "perf.autocast"),
+    (["perf.attention=flash3"], "perf.attention"),
 ]
 
 
@@ -166,6 +175,24 @@ def test_cli_reports_config_error_before_ray_starts(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "alignprop: error: truncation.k: got 99; accepted: 1 <= k <= sampling.num_steps (10)"
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists(), "nothing is created on bad input"
+
+
+def test_checkpoint_unet_takes_the_old_booleans_and_the_modes():
+    assert load_config("tiny-cpu", ["sampling.checkpoint_unet=true"]).sampling.checkpoint_unet == "all"
+    assert load_config("tiny-cpu", ["sampling.checkpoint_unet=false"]).sampling.checkpoint_unet == "none"
+    cfg = load_config("tiny-cpu", ["sampling.checkpoint_unet=auto", "sampling.activation_budget_mb=64"])
+    assert (cfg.sampling.checkpoint_unet, cfg.sampling.activation_budget_mb) == ("auto", 64.0)
+    cfg = load_config("tiny-cpu", ["model.tiny=false", "model.arch=sd21", "perf.autocast=bf16", "perf.channels_last=true"])
+    assert (cfg.model.arch, cfg.perf.autocast, cfg.perf.channels_last) == ("sd21", "bf16", True)
+
+
+def test_run_names_of_existing_runs_survive_the_new_fields():
+    """Fields added later (model.arch, perf.*, activation_budget_mb) at their defaults, and the
+    checkpoint_unet bool now spelled all/none, leave the run name as before (runs still resume);
+    a non-default value is a new run."""
+    assert run_name(load_config("tiny-cpu")) == "tiny-cpu-600248f9"  # measured before issue 10
+    assert run_name(load_config("tiny-cpu", ["sampling.checkpoint_unet=all"])) == "tiny-cpu-600248f9"
+    assert run_name(load_config("tiny-cpu", ["perf.autocast=bf16"])) != "tiny-cpu-600248f9"
 
 
 def test_run_name_is_deterministic_and_ignores_run_length():

@@ -13,8 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 from alignprop.platform.config import ConfigError, LoraSection, TruncationSection, load_config
 from alignprop.platform.models import add_lora
-from alignprop.trainers.sampling import (decode, draw_cuts, draw_grad_steps, draw_k, encode_prompts, grad_window,
-                                         sample, steps_from_cuts)
+from alignprop.trainers.sampling import (CheckpointPlan, decode, draw_cuts, draw_grad_steps, draw_k, encode_prompts,
+                                         grad_window, sample, saved_bytes, steps_from_cuts)
 
 N = 6
 
@@ -236,3 +236,44 @@ def test_per_step_and_cut_gaussian_configs_load():
                                    "truncation.cut_mean=8.5", "truncation.cut_std=1.5", "optim.loss_scale=0.01"])
     assert cfg.truncation.cut_mean == 8.5 and cfg.optim.loss_scale == 0.01
     assert math.isfinite(cfg.truncation.cut_std)
+
+
+@pytest.mark.parametrize("mode, budget_mb", [("none", None), ("auto", None), ("auto", 0.0), (False, None)])
+def test_every_checkpoint_mode_gives_the_gradients_of_all(tiny_pipe, mode, budget_mb):
+    """sampling.checkpoint_unet none/auto keep activations instead of recomputing them: the same
+    gradients, bit for bit on CPU, whatever the budget lets auto keep."""
+    params = lora_pipe(tiny_pipe)
+    run(tiny_pipe, tiny_pipe.unet, k=4, checkpoint_unet="all").images.mean().backward()
+    reference = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    plan = CheckpointPlan(mode, budget_mb)
+    out = run(tiny_pipe, tiny_pipe.unet, k=4, checkpoint_unet=plan)
+    out.images.mean().backward()
+    assert (out.kept, out.recomputed) == (plan.kept, plan.recomputed) and out.kept + out.recomputed == 4
+    for p, expected in zip(params, reference):
+        assert torch.equal(p.grad, expected)
+
+
+def test_auto_keeps_what_fits_the_budget_and_checkpoints_the_rest(tiny_pipe):
+    """The first call is measured (bytes autograd saves, parameters excluded); the budget then decides."""
+    lora_pipe(tiny_pipe)
+    assert run(tiny_pipe, tiny_pipe.unet, k=5, checkpoint_unet=CheckpointPlan("auto", 1e6)).kept == 5
+    one_call = CheckpointPlan("auto", 1e6)
+    run(tiny_pipe, tiny_pipe.unet, k=1, checkpoint_unet=one_call)
+    per_call_mb = one_call.kept_bytes / 2**20
+    assert 0.1 < per_call_mb < 100, per_call_mb  # the tiny UNet at batch 4 (CFG), 16×16 latents
+    plan = CheckpointPlan("auto", 2.5 * per_call_mb)
+    out = run(tiny_pipe, tiny_pipe.unet, k=5, checkpoint_unet=plan)
+    assert (out.kept, out.recomputed) == (2, 3) and plan.kept_bytes <= 2.5 * per_call_mb * 2**20
+    assert run(tiny_pipe, tiny_pipe.unet, k=5, checkpoint_unet=CheckpointPlan("auto", 0.0)).kept == 0, "measured already"
+
+
+def test_saved_bytes_counts_activations_not_parameters():
+    layer = nn.Linear(256, 256)
+    x = torch.randn(64, 256, requires_grad=True)
+    out, counted = saved_bytes(layer, lambda v: torch.relu(layer(v)), x)
+    # linear saves its input (64×256) and relu its output (64×256); the weight is a parameter
+    assert counted == 2 * 64 * 256 * 4
+    with pytest.raises(ValueError, match="sampling.checkpoint_unet: got 'some'; accepted: all, none, auto"):
+        CheckpointPlan("some")

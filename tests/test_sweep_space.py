@@ -67,8 +67,8 @@ BAD = [
     ("space: {sampling.num_steps: {space: quniform, lower: 2, upper: 8, q: 2}}", "space.sampling.num_steps: quniform samples floats"),
     ("space: {truncation.k: {space: choice, categories: [2, 2.5]}}", "space.truncation.k: categories holds 2.5 (float) but truncation.k is an integer"),
     ("space: {truncation.k: {space: grid_search, values: [2, true]}}", "space.truncation.k: values holds True (bool)"),
-    ("space: {sampling.checkpoint_unet: {space: randint, lower: 0, upper: 2}}", "space.sampling.checkpoint_unet: randint samples integers but sampling.checkpoint_unet is true/false; accepted: choice/grid_search of true, false"),
-    ("space: {sampling.checkpoint_unet: {space: choice, categories: [true, 0]}}", "space.sampling.checkpoint_unet: categories holds 0 (int)"),
+    ("space: {sampling.checkpoint_vae: {space: randint, lower: 0, upper: 2}}", "space.sampling.checkpoint_vae: randint samples integers but sampling.checkpoint_vae is true/false; accepted: choice/grid_search of true, false"),
+    ("space: {sampling.checkpoint_vae: {space: choice, categories: [true, 0]}}", "space.sampling.checkpoint_vae: categories holds 0 (int)"),
     ("space: {truncation.strategy: {space: choice, categories: [fixed, 1]}}", "space.truncation.strategy: categories holds 1 (int) but truncation.strategy is a string; accepted: choice/grid_search of strings"),
     ("space: {truncation.strategy: {space: uniform, lower: 0, upper: 1}}", "space.truncation.strategy: uniform samples floats but truncation.strategy is a string"),
     ("space: {optim.lr: {space: choice, categories: [0.1, fast]}}", "space.optim.lr: categories holds 'fast' (str) but optim.lr is a number; accepted: uniform, loguniform"),
@@ -112,7 +112,7 @@ GOOD = [
     "space: {sampling.num_steps: {space: randint, lower: 4, upper: 20}, truncation.k: {space: randint, lower: 1, upper: 5}}",
     "space: {truncation.k: {space: choice, categories: [2, 5]}, sampling.guidance_scale: {space: randint, lower: 2, upper: 9}}",
     "space: {optim.lr: {space: quniform, lower: 0.01, upper: 0.05, q: 0.01}, rewards.brightness.weight: {space: choice, categories: [1, 0.5]}}",
-    "space: {sampling.checkpoint_unet: {space: choice, categories: [true, false]}, ray.resources_per_worker.CPU: {space: uniform, lower: 0.1, upper: 0.4}}",
+    "space: {sampling.checkpoint_vae: {space: choice, categories: [true, false]}, ray.resources_per_worker.CPU: {space: uniform, lower: 0.1, upper: 0.4}}",
     "space: {optim.betas: {space: choice, categories: [[0.9, 0.999], [0.8, 0.99]]}}",
 ]
 

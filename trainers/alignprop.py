@@ -36,7 +36,8 @@ from alignprop.rewards import build_rewards
 from alignprop.trainers.checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from alignprop.trainers.checkpoint import load_engine_state, save_engine_state
 from alignprop.trainers.families import denoiser
-from alignprop.trainers.sampling import draft_lv_images, draw_grad_steps, encode_prompts, negative_prompt, sample
+from alignprop.trainers.fast_paths import apply_perf, autocast, compiled_prefix, compute_dtype
+from alignprop.trainers.sampling import CheckpointPlan, draft_lv_images, draw_grad_steps, encode_prompts, negative_prompt, sample
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "lora_ema.safetensors"
@@ -58,7 +59,8 @@ class WorkerContext:
 
 
 def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
-    precision = resolve_precision(cfg.deepspeed.precision, device)
+    # perf.autocast keeps the LoRA weights and their optimizer fp32: DeepSpeed's own precision stays off
+    precision = "fp32" if cfg.perf.autocast != "none" else resolve_precision(cfg.deepspeed.precision, device)
     return {
         "train_micro_batch_size_per_gpu": cfg.trainer.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum * backward_calls_per_micro_batch(cfg),
@@ -120,7 +122,7 @@ class AlignPropRecipe:
 
         cfg, device = self.cfg, self.ctx.device
         torch.manual_seed(cfg.trainer.seed + self.ctx.rank)
-        self.pipe = load_pipeline(cfg.model).to(device)
+        self.pipe = load_pipeline(cfg.model, device).to(device)
         self.denoiser = denoiser(self.pipe)  # the UNet (sd, sdxl) or the transformer (sd3)
         lora_params = add_lora(self.denoiser, cfg.lora)
         optimizer = torch.optim.AdamW(
@@ -130,8 +132,11 @@ class AlignPropRecipe:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.denoiser, optimizer=optimizer, config=deepspeed_config(cfg, device),
         )
-        self.rewards = build_rewards(cfg.rewards).to(device)
-        self.eval_rewards = build_rewards(cfg.eval_rewards).to(device) if cfg.eval_rewards else None
+        apply_perf(self.pipe, self.denoiser, cfg.perf, device)  # after DeepSpeed's broadcast, which needs contiguous weights
+        self.prefix_unet = compiled_prefix(self.denoiser, cfg.perf)
+        dtype = compute_dtype(cfg.perf, resolve_precision(cfg.deepspeed.precision, device))
+        self.rewards = build_rewards(cfg.rewards, dtype=dtype).to(device)
+        self.eval_rewards = build_rewards(cfg.eval_rewards, dtype=dtype).to(device) if cfg.eval_rewards else None
         self.prompts, self.eval_prompts = load_prompts(cfg), load_eval_prompts(cfg)
         self.negative = negative_prompt(self.pipe, 1, device)  # CFG's unconditional input, encoded once
         if cfg.trainer.ema_decay > 0:
@@ -154,8 +159,15 @@ class AlignPropRecipe:
         embeds = encode_prompts(self.pipe, prompts, self.ctx.device) if embeds is None else embeds
         return sample(
             self.pipe, self.engine, embeds, self.negative.expand(len(prompts)), s.num_steps, k, s.guidance_scale,
-            s.eta, s.resolution, generator, checkpoint_unet=s.checkpoint_unet, checkpoint_vae=s.checkpoint_vae, **options,
+            s.eta, s.resolution, generator, checkpoint_unet=self._checkpoint_plan(), checkpoint_vae=s.checkpoint_vae,
+            prefix_unet=self.prefix_unet, **options,
         )
+
+    def _checkpoint_plan(self) -> CheckpointPlan:
+        return CheckpointPlan(self.cfg.sampling.checkpoint_unet, self.cfg.sampling.activation_budget_mb)
+
+    def autocast(self):
+        return autocast(self.cfg.perf, self.ctx.device)
 
     def _pick_prompts(self, step: int, micro: int) -> list[str]:
         pick = random.Random(hash((self.cfg.trainer.seed, step, micro, self.ctx.rank)))
@@ -178,11 +190,12 @@ class AlignPropRecipe:
         rows, ks, evals = [], [], []
         for micro in range(cfg.optim.grad_accum):
             prompts = self._pick_prompts(step, micro)
-            images, scored_prompts, k, per_image = self._train_images(prompts, step, micro)
+            with self.autocast():
+                images, scored_prompts, k, per_image = self._train_images(prompts, step, micro)
+                # before any running statistics exist, normalised rewards use statistics of all ranks
+                total, parts = self.rewards(images, scored_prompts, gather=self._gather)
             ks.append(k)
             evals.append(per_image)
-            # before any running statistics exist, normalised rewards use statistics of all ranks
-            total, parts = self.rewards(images, scored_prompts, gather=self._gather)
             loss = -total.mean()
             if not loss.requires_grad:  # per_step may keep no step at all: a zero gradient, as DeepSpeed needs one
                 loss = loss + sum(p.sum() for _, p in self._lora_parameters()) * 0.0
@@ -202,24 +215,24 @@ class AlignPropRecipe:
         image incl. checkpoint recomputation) for the reward-gradient algorithms."""
         cfg, s = self.cfg, self.cfg.sampling
         generator, per_call = self._generator(step, micro, self.ctx.rank), 2 if s.guidance_scale > 1 else 1
-        recompute = per_call if s.checkpoint_unet else 0
         algorithm = cfg.trainer.algorithm
         if algorithm == "refl":  # the stop step per (step, micro-batch), the same on every rank
             stop = random.Random(f"alignprop-refl/{cfg.trainer.seed}/{step}/{micro}").randint(*refl_bounds(cfg))
             out = self._sample(prompts, 1, generator, grad_steps=[stop], stop_at=stop)
-            return out.images, prompts, 1, (stop + 1) * per_call + recompute
+            return out.images, prompts, 1, (stop + 1 + out.recomputed) * per_call
         if algorithm == "draft_lv":
             copies, embeds = cfg.draft_lv.copies, encode_prompts(self.pipe, prompts, self.ctx.device)
             with torch.no_grad():
                 x0 = self._sample(prompts, 1, generator, embeds=embeds).latents
+            plan = self._checkpoint_plan()
             images = draft_lv_images(self.pipe, self.engine, embeds, self.negative.expand(len(prompts)), x0, copies,
-                                     s.guidance_scale, s.eta, s.resolution, generator, s.checkpoint_unet, s.checkpoint_vae)
-            return images, prompts * copies, 1, s.num_steps * per_call + copies * (per_call + recompute)
+                                     s.guidance_scale, s.eta, s.resolution, generator, plan, s.checkpoint_vae)
+            return images, prompts * copies, 1, (s.num_steps + copies + plan.recomputed) * per_call
         # K (or per_step's cuts) per (step, micro-batch), not per rank: every rank runs the same
         # number of gradient steps, and a resumed run replays the same draws
         grad_steps = draw_grad_steps(cfg.truncation, s.num_steps, cfg.trainer.seed, step, micro)
         out = self._sample(prompts, len(grad_steps), generator, grad_steps=grad_steps)
-        return out.images, prompts, len(grad_steps), s.num_steps * per_call + len(grad_steps) * recompute
+        return out.images, prompts, len(grad_steps), (s.num_steps + out.recomputed) * per_call
 
     def finish_step(self, values: torch.Tensor, seconds: float, sampled: int, evals_per_image: float) -> dict[str, float]:
         """After an update, on every rank: reward statistics, EMA, the common x-axis counters
@@ -267,12 +280,14 @@ class AlignPropRecipe:
         cfg = self.cfg
         self.engine.eval()
         prompts = list(self.eval_prompts)
-        out = self._sample(prompts, 1, torch.Generator().manual_seed(cfg.trainer.eval_seed))
-        total, parts = self.rewards(out.images, prompts)
+        with self.autocast():
+            out = self._sample(prompts, 1, torch.Generator().manual_seed(cfg.trainer.eval_seed))
+            total, parts = self.rewards(out.images, prompts)
         metrics = {f"{prefix}/reward_total": float(total.mean())}
         metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in parts.items()})
         if self.eval_rewards is not None:
-            _, held_out = self.eval_rewards(out.images, prompts)
+            with self.autocast():
+                _, held_out = self.eval_rewards(out.images, prompts)
             metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in held_out.items()})
         self.tracker.log_image(out.images, f"{prefix}/samples", step, captions=prompts)
         return metrics
@@ -428,13 +443,12 @@ def progress_bar(total: int, initial: int, enabled: bool, lines: bool = False):
     carriage-return updates arrive there as a new line each); `lines` where no terminal shows it."""
     from tqdm.auto import tqdm
 
-    import ray
-
+    ray = sys.modules.get("ray")  # imported by Ray's workers; never imported here (GPU checks run without Ray)
     if not enabled:
         return tqdm(total=total, disable=True)
     if lines:
         return ProgressLines(total, initial)
-    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
         class Bar(ray_tqdm):

@@ -138,7 +138,7 @@ def train_step(recipe, step: int) -> dict[str, float]:
                 which = step_orders[idx, j]
                 t = batch["timesteps"][which]
                 x, x_next = batch["x"][idx, which], batch["x_next"][idx, which]
-                pred = guided_prediction(recipe.pipe, recipe.engine, x, t, text, guidance, s.resolution, False)
+                pred = guided_prediction(recipe.pipe, recipe.engine, x, t, text, guidance, s.resolution, None)
                 log_prob = gaussian_log_prob(x_next, *ddim_mean_std(recipe.pipe.scheduler, pred, t, x, s.eta))
                 old = batch["log_probs"][idx, which]
                 ratio = torch.exp(log_prob - old)

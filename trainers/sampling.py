@@ -33,13 +33,22 @@ Which denoising steps keep a gradient (`truncation.strategy`):
   and detaching its output, without saving its activations. UNet calls that keep a gradient are
   checkpointed as in the contiguous mode. Slower than the contiguous mode for the same number of
   gradient steps, because the scattered steps are spread over the whole chain.
+
+Activation checkpointing of the denoiser calls that keep a graph (`sampling.checkpoint_unet`,
+`CheckpointPlan`): `all` (every call recomputed in backward: memory of one call), `none` (every
+call keeps its activations: memory × K, no recomputation), `auto`: the first call keeps its
+activations and measures them (the bytes autograd saves, parameters excluded); the following calls
+keep theirs while the total fits `sampling.activation_budget_mb` and are checkpointed after that.
+The gradients are the same in every mode; only memory and time differ.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -48,6 +57,9 @@ from alignprop.platform.config import TruncationSection
 from alignprop.trainers.families import Conditioning, denoiser, family_of, with_guidance
 
 CONTIGUOUS = ("fixed", "uniform", "gaussian")
+CHECKPOINT_MODES = ("all", "none", "auto")  # sampling.checkpoint_unet
+# auto: activation bytes of one denoiser call, per denoiser and (input shape, dtype, autocast)
+_SAVED_BYTES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
 MAX_REDRAWS = 100  # cut_mean/cut_std: redraws (like the official loop) before clipping
 
 
@@ -119,6 +131,9 @@ class SampleOutput:
     images: torch.Tensor  # B×3×H×W in [0, 1]; differentiable through the window
     latents: torch.Tensor
     grad_steps: list[int]  # the step indices that ran with a graph (for tests and logging)
+    kept: int = 0  # denoiser calls with a graph that kept their activations
+    recomputed: int = 0  # ... that were checkpointed (recomputed in backward)
+    kept_bytes: int = 0  # what the kept calls' activations hold (measured under auto)
 
 
 def sample(
@@ -132,11 +147,13 @@ def sample(
     eta: float,
     resolution: int,
     generator: torch.Generator,
-    checkpoint_unet: bool = True,
+    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = True,
     checkpoint_vae: bool = False,
     grad_steps: Optional[Sequence[int]] = None,
     stop_at: Optional[int] = None,
     trajectory: Optional[list] = None,
+    prefix_unet: Optional[Callable] = None,
+    phases: Optional["PhaseTimer"] = None,
 ) -> SampleOutput:
     """The family's sampler (DDIM for sd/sdxl, flow-matching Euler for sd3) with classifier-free
     guidance; gradients flow through the last `k` steps only, or, given `grad_steps` (e.g.
@@ -150,7 +167,10 @@ def sample(
 
     `stop_at` (ReFL): at that step, x̂0 is predicted in one step from its denoiser output and decoded;
     the later steps are not run. `trajectory` (DDPO): a list that gets one `(t, x_t, guided
-    prediction, x_next)` tuple per step, detached.
+    prediction, x_next)` tuple per step, detached. `checkpoint_unet`: all/True, none/False, auto, or a
+    `CheckpointPlan` (whose counters the caller reads). `prefix_unet`: the denoiser for the calls
+    that keep no graph (e.g. a `torch.compile`d copy; same weights). `phases`: a `PhaseTimer` that
+    gets `prefix` (the no-graph steps before the first kept one), `window` and `decode`.
     """
     family, scheduler = family_of(pipe), pipe.scheduler
     device, batch = prompt_embeds.embeds.device, prompt_embeds.batch
@@ -162,11 +182,16 @@ def sample(
     window = sorted(set(grad_steps)) if grad_steps is not None else list(grad_window(num_steps, k))
     keep = set(window)
     grad_allowed = torch.is_grad_enabled()  # an outer no_grad (evaluation) wins over the window
+    plan = checkpoint_unet if isinstance(checkpoint_unet, CheckpointPlan) else CheckpointPlan(checkpoint_unet)
+    first_kept = window[0] if window and grad_allowed else None
 
     for i, t in enumerate(scheduler.timesteps):
         with_graph = grad_allowed and i in keep
+        if phases is not None and i == first_kept:
+            phases.mark("prefix")
+        model = unet if with_graph or prefix_unet is None else prefix_unet
         with torch.set_grad_enabled(with_graph):
-            noise = guided_prediction(pipe, unet, latents, t, text, guidance_scale, resolution, with_graph and checkpoint_unet)
+            noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution, plan if with_graph else None)
         with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
             if i == stop_at:
                 latents = family.predict_x0(scheduler, noise, t, latents)
@@ -176,8 +201,13 @@ def sample(
             latents = family.step(scheduler, noise, t, latents, eta, variance_noise)
             if trajectory is not None:
                 trajectory.append((t, previous.detach(), noise.detach(), latents.detach()))
+    if phases is not None:
+        phases.mark("window" if first_kept is not None else "prefix")
     images = decode(pipe.vae, latents, checkpoint_vae)
-    return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [])
+    if phases is not None:
+        phases.mark("decode")
+    return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [],
+                        kept=plan.kept, recomputed=plan.recomputed, kept_bytes=plan.kept_bytes)
 
 
 def guidance_text(unet, prompt_embeds: Conditioning, negative_embeds: Conditioning, guidance_scale: float) -> Conditioning:
@@ -187,9 +217,9 @@ def guidance_text(unet, prompt_embeds: Conditioning, negative_embeds: Conditioni
 
 
 def guided_prediction(pipe, unet, latents: torch.Tensor, t: torch.Tensor, text: Conditioning, guidance_scale: float,
-                      resolution: int, use_checkpoint: bool) -> torch.Tensor:
+                      resolution: int, plan: Optional["CheckpointPlan"]) -> torch.Tensor:
     """The denoiser's classifier-free-guided prediction at `t` (a scalar, or one per sample), float32;
-    the denoiser call activation-checkpointed when `use_checkpoint`."""
+    a call that keeps a graph goes through `plan` (activation checkpointing or not); None: a plain call."""
     family, guided = family_of(pipe), guidance_scale > 1
     latent_in = torch.cat([latents] * 2) if guided else latents
     latent_in = family.scale_input(pipe.scheduler, latent_in, t).to(next(unet.parameters()).dtype)
@@ -198,7 +228,8 @@ def guided_prediction(pipe, unet, latents: torch.Tensor, t: torch.Tensor, text: 
     def denoise(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return family.denoise(unet, x, timestep, text, resolution)
 
-    pred = (checkpoint(denoise, latent_in, t_in, use_reentrant=False) if use_checkpoint else denoise(latent_in, t_in)).float()
+    key = (tuple(latent_in.shape), latent_in.dtype, torch.is_autocast_enabled(latent_in.device.type))
+    pred = (plan.call(key, unet, denoise, latent_in, t_in) if plan is not None and torch.is_grad_enabled() else denoise(latent_in, t_in)).float()
     if guided:
         uncond, cond = pred.chunk(2)
         pred = uncond + guidance_scale * (cond - uncond)
@@ -207,16 +238,17 @@ def guided_prediction(pipe, unet, latents: torch.Tensor, t: torch.Tensor, text: 
 
 def draft_lv_images(pipe, unet, prompt_embeds: Conditioning, negative_embeds: Conditioning, x0: torch.Tensor, copies: int,
                     guidance_scale: float, eta: float, resolution: int, generator: torch.Generator,
-                    checkpoint_unet: bool = True, checkpoint_vae: bool = False) -> torch.Tensor:
+                    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = True, checkpoint_vae: bool = False) -> torch.Tensor:
     """DRaFT-LV: `copies` times, re-noise the sampled x0 (no gradient into it) to the last step's noise
     level and take that last step again with a graph; returns the copies' images (copies·B×3×H×W)."""
     family, scheduler = family_of(pipe), pipe.scheduler
     text = guidance_text(unet, prompt_embeds, negative_embeds, guidance_scale)
+    plan = checkpoint_unet if isinstance(checkpoint_unet, CheckpointPlan) else CheckpointPlan(checkpoint_unet)
     t, images = scheduler.timesteps[-1], []
     for _ in range(copies):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x1 = family.renoise(scheduler, x0.detach(), noise, t)
-        pred = guided_prediction(pipe, unet, x1, t, text, guidance_scale, resolution, checkpoint_unet)
+        pred = guided_prediction(pipe, unet, x1, t, text, guidance_scale, resolution, plan)
         variance_noise = torch.randn(x0.shape, generator=generator).to(x0.device) if eta > 0 else None
         images.append(decode(pipe.vae, family.last_step(scheduler, pred, t, x1, eta, variance_noise), checkpoint_vae))
     return torch.cat(images)
@@ -232,3 +264,93 @@ def decode(vae, latents: torch.Tensor, use_checkpoint: bool = False) -> torch.Te
 
     pixels = checkpoint(run, z, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else run(z)
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
+
+
+@dataclass
+class CheckpointPlan:
+    """Which denoiser calls that keep a graph are activation-checkpointed, for one sampled batch
+    (`sampling.checkpoint_unet` all | none | auto; True/False mean all/none). `auto` keeps the
+    activations of calls while their measured bytes fit `budget_mb` (None: `default_budget_mb`) and
+    checkpoints the rest; the first call of a shape is measured without checkpointing (a checkpointed
+    call's recomputation holds the same activations in backward, so this costs no extra peak)."""
+
+    mode: Union[bool, str] = "all"
+    budget_mb: Optional[float] = None
+    kept: int = 0
+    recomputed: int = 0
+    kept_bytes: int = 0
+    budget: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        self.mode = {True: "all", False: "none"}.get(self.mode, self.mode)
+        if self.mode not in CHECKPOINT_MODES:
+            raise ValueError(f"sampling.checkpoint_unet: got {self.mode!r}; accepted: {', '.join(CHECKPOINT_MODES)}")
+
+    def call(self, key: tuple, unet, fn: Callable, *args):
+        measured = _SAVED_BYTES.setdefault(unet, {})
+        if self.mode == "all" or (self.mode == "auto" and not self._fits(measured.get(key), unet)):
+            self.recomputed += 1
+            return checkpoint(fn, *args, use_reentrant=False)
+        self.kept += 1
+        if self.mode == "auto" and key not in measured:
+            out, measured[key] = saved_bytes(unet, fn, *args)
+            self.kept_bytes += measured[key]
+            return out
+        self.kept_bytes += measured.get(key, 0)
+        return fn(*args)
+
+    def _fits(self, need: Optional[int], unet) -> bool:
+        if need is None:
+            return True  # measured by this call
+        if not self.budget:
+            self.budget = int((self.budget_mb if self.budget_mb is not None else default_budget_mb(unet)) * 2**20)
+        return self.kept_bytes + need <= self.budget
+
+
+def default_budget_mb(unet) -> float:
+    """`sampling.activation_budget_mb: null`: half of what the device can still give (CUDA: free
+    memory plus the allocator's unused cache), a quarter of MemAvailable on CPU."""
+    device = next(unet.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (free + cached) / 2 / 2**20
+    try:
+        with open("/proc/meminfo") as info:
+            available_kb = next(int(line.split()[1]) for line in info if line.startswith("MemAvailable:"))
+        return available_kb / 4 / 1024
+    except (OSError, StopIteration):
+        return 1024.0
+
+
+def saved_bytes(unet, fn: Callable, *args) -> tuple[torch.Tensor, int]:
+    """Run `fn(*args)` and count the bytes of the distinct storages autograd saves for backward,
+    the module's parameters excluded (they exist anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn(*args)
+    return out, sum(seen.values())
+
+
+class PhaseTimer:
+    """Seconds per phase of a step: `mark(name)` closes the phase that began at the previous mark
+    (synchronising CUDA first, so the time is the device's, not the launch's)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+        self.last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
