@@ -164,7 +164,12 @@ def run_cells(config: dict, cells: Sequence[tuple[int, int, str]], steps: int) -
     for k, batch, mode in cells:
         if batch not in flops:
             flops[batch] = denoiser_flops(recipe, batch)
-        rows.append(measure_cell(recipe, k, batch, mode, steps, flops[batch]))
+        try:
+            rows.append(measure_cell(recipe, k, batch, mode, steps, flops[batch]))
+        except torch.cuda.OutOfMemoryError:  # e.g. checkpoint none at large K: the row says so, the grid goes on
+            recipe.engine.zero_grad()
+            torch.cuda.empty_cache()
+            rows.append({"config": recipe.cfg.name, "k": k, "batch": batch, "checkpoint": mode, "error": "CUDA out of memory"})
     return rows
 
 
@@ -227,7 +232,9 @@ def table_header() -> str:
 
 
 def table_row(row: dict, rows: Sequence[dict]) -> str:
-    base = next(r for r in rows if r["batch"] == row["batch"])["s_per_step"]
+    if "error" in row:
+        return f"| {row['k']} | {row['batch']} | {row['checkpoint']} | | {row['error']} |"
+    base = next(r for r in rows if r["batch"] == row["batch"] and "error" not in r)["s_per_step"]
     phases = " | ".join(f"{row['phases'].get(p, 0.0):.3f}" for p in PHASES)
     mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "–"
     return (f"| {row['k']} | {row['batch']} | {row['checkpoint']} | {row['kept']}/{row['recomputed']} | {row['s_per_step']:.3f} | "
