@@ -45,9 +45,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop.platform.models import _bytes_to_unicode
-
-ARCHES = ("sd15", "sd21")
+from alignprop.platform.config import ARCH_NAMES as ARCHES
+from alignprop.platform.models import _bytes_to_unicode, cast_modules
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407  # CLIP's real ids of <|startoftext|> and <|endoftext|>
@@ -285,8 +284,7 @@ def build_arch_pipeline(arch: str, seed: int = 0, dtype: torch.dtype = torch.flo
         scheduler = DDIMScheduler.from_config(configs["scheduler"])
     for module in (unet, vae, text_encoder):
         module.eval()
-        if dtype != torch.float32:  # (nn.Module.to: diffusers' own .to warns on every dtype cast, though
-            torch.nn.Module.to(module, dtype=dtype)  # none of these classes keeps modules in fp32)
+    cast_modules((unet, vae, text_encoder), dtype)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -22,7 +22,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import socket
 import sys
 from dataclasses import replace
 from typing import Optional, Sequence
@@ -44,29 +43,14 @@ def peak_tflops(device: torch.device) -> Optional[float]:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def _world(device: torch.device) -> None:
-    """A one-process torch.distributed world for DeepSpeed (NCCL on CUDA, gloo on CPU)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-
-
 def build_recipe(cfg: RunConfig, device: torch.device):
-    from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
-
     from alignprop.platform.quiet import is_noise
+    from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext, single_process_world
 
     cfg = replace(cfg, trainer=replace(cfg.trainer, eval_every=0))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # DeepSpeed print()s "op built successfully" at every start
-        _world(device)
+        single_process_world(device)
         recipe = AlignPropRecipe(cfg, WorkerContext(device=device, progress=False)).setup()
     for line in printed.getvalue().splitlines():
         if not is_noise(line):
@@ -164,13 +148,19 @@ def run_cells(config: dict, cells: Sequence[tuple[int, int, str]], steps: int) -
     for k, batch, mode in cells:
         if batch not in flops:
             flops[batch] = denoiser_flops(recipe, batch)
-        try:
-            rows.append(measure_cell(recipe, k, batch, mode, steps, flops[batch]))
-        except torch.cuda.OutOfMemoryError:  # e.g. checkpoint none at large K: the row says so, the grid goes on
-            recipe.engine.zero_grad()
-            torch.cuda.empty_cache()
-            rows.append({"config": recipe.cfg.name, "k": k, "batch": batch, "checkpoint": mode, "error": "CUDA out of memory"})
+        rows.append(cell_row(recipe, k, batch, mode, steps, flops[batch]))
     return rows
+
+
+def cell_row(recipe, k: int, batch: int, mode: str, steps: int, flops: tuple[float, float]) -> dict:
+    """`measure_cell`, or a row saying CUDA ran out of memory (e.g. checkpoint none at large K), so
+    that a grid goes on."""
+    try:
+        return measure_cell(recipe, k, batch, mode, steps, flops)
+    except torch.cuda.OutOfMemoryError:
+        recipe.engine.zero_grad()
+        torch.cuda.empty_cache()
+        return {"config": recipe.cfg.name, "k": k, "batch": batch, "checkpoint": mode, "error": "CUDA out of memory"}
 
 
 def _spawned(config: dict, cells, steps: int) -> list[dict]:

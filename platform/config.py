@@ -356,7 +356,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.tracking.run_name is not None:
         _check(bool(SAFE_NAME.fullmatch(cfg.tracking.run_name)), "tracking.run_name", f"got {cfg.tracking.run_name!r}; accepted: {SAFE_NAME_TEXT}")
     _check(m.tiny + bool(m.pretrained) + (m.arch is not None) == 1, "model",
-           "set exactly one of model.pretrained (hub id or local dir), model.tiny=true or model.arch (sd15, sd21)")
+           f"set exactly one of model.pretrained (hub id or local dir), model.tiny=true or model.arch ({', '.join(ARCH_NAMES)})")
     _check(m.arch is None or m.arch in ARCH_NAMES, "model.arch", f"got {m.arch!r}; accepted: {', '.join(ARCH_NAMES)}")
     _check(m.arch is None or m.family in ("auto", "sd"), "model.family", f"got {m.family!r} with model.arch={m.arch}; accepted: auto or sd")
     _check(m.dtype in DTYPE_NAMES, "model.dtype", f"got {m.dtype!r}; accepted: {', '.join(DTYPE_NAMES)}")

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from alignprop.platform.bench import PHASES, denoiser_flops, measure_cell, peak_tflops, build_recipe
+from alignprop.platform.bench import PHASES, build_recipe, cell_row, denoiser_flops, measure_cell, peak_tflops
 from alignprop.platform.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SD15 = ["model.pretrained=null", "model.tiny=false", "model.arch=sd15", "model.dtype=bfloat16", "deepspeed.precision=bf16",
         "ray.use_gpu=true", "sampling.resolution=512", "sampling.num_steps=50", "rewards=[{name: brightness, weight: 1.0}]",
-        "trainer.eval_every=0", "truncation.k=1"]
+        "truncation.k=1"]
 FAST_PATHS = {  # label → overrides against the SD1.5 bf16 baseline
     "baseline (DeepSpeed bf16, SDPA, TF32)": [],
     "attention eager": ["perf.attention=eager"],
@@ -45,7 +45,7 @@ FAST_PATHS = {  # label → overrides against the SD1.5 bf16 baseline
 FAST_PATH_STEPS = ["sampling.num_steps=20"]  # N = 20 for the switch comparison: the same calls, less time
 
 
-TINY = ["trainer.eval_every=0", "sampling.num_steps=4", "truncation.k=1"]  # --dry-run: the code path on CPU
+TINY = ["sampling.num_steps=4", "truncation.k=1"]  # --dry-run: the code path on CPU
 
 
 class Check:
@@ -89,12 +89,8 @@ def run_grid(check: Check, modes=("all", "auto"), steps=1) -> None:
                 if check.left() < 60:
                     check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}", "result": "skipped: time budget"})
                     continue
-                try:
-                    row = measure_cell(recipe, k, batch, mode, steps, flops)
-                    check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}", **row})
-                except torch.cuda.OutOfMemoryError as err:
-                    free_memory()
-                    check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}", "result": f"OOM: {str(err)[:120]}"})
+                row = cell_row(recipe, k, batch, mode, steps, flops)
+                check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}", "result": row.get("error", "ok"), **row})
     del recipe
     free_memory()
 
@@ -134,6 +130,22 @@ def run_unet_mfu(check: Check, batch=4, iters=10) -> None:
         _forward_rows(check)
 
 
+def seconds_per_call(call, device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Mean wall time of `call()` after `warmup` calls, CUDA synchronised at both ends (the peak
+    memory counter restarts after the warm-up)."""
+    for _ in range(warmup):
+        call()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
 def _forward_rows(check: Check, iters=20) -> None:
     """No-grad forward calls (the prefix's work) of the bare UNet and of the LoRA'd one, batch 1 and 4
     (×2 for CFG): where the prefix's time goes (kernel launches vs arithmetic)."""
@@ -150,16 +162,7 @@ def _forward_rows(check: Check, iters=20) -> None:
         t = torch.tensor(500, device=check.device)
         for label, model in (("bare UNet", bare), ("UNet + LoRA (DeepSpeed engine)", recipe.engine)):
             with torch.no_grad():
-                for _ in range(3):
-                    model(x, t, encoder_hidden_states=text, return_dict=False)
-                if check.device.type == "cuda":
-                    torch.cuda.synchronize(check.device)
-                start = time.perf_counter()
-                for _ in range(iters):
-                    model(x, t, encoder_hidden_states=text, return_dict=False)
-                if check.device.type == "cuda":
-                    torch.cuda.synchronize(check.device)
-            seconds = (time.perf_counter() - start) / iters
+                seconds = seconds_per_call(lambda: model(x, t, encoder_hidden_states=text, return_dict=False), check.device, iters)
             check.add({"section": "forward", "label": f"{label}, no grad, batch {batch} (CFG: {2 * batch})", "s_per_step": seconds,
                        "unet_tflop_per_step": fwd / 1e12, "unet_tflops_per_s": fwd / seconds / 1e12,
                        "mfu": fwd / seconds / (peak * 1e12) if peak else None})
@@ -184,17 +187,7 @@ def _unet_mfu(check: Check, batch: int, iters: int, overrides: list[str]) -> Non
         pred = guided_prediction(pipe, unet, latents, t, text, 7.5, resolution, None)
         pred.float().square().mean().backward()
 
-    for _ in range(3):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / iters
+    seconds = seconds_per_call(step, device, iters)
     peak = peak_tflops(device)
     label = f"UNet fwd+bwd, batch {batch} (CFG: {2 * batch}), {resolution} px, {recipe.cfg.model.dtype}" + (", channels-last" if overrides else "")
     check.add({"section": "unet", "label": label,

@@ -104,6 +104,14 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
     )
 
 
+def cast_modules(parts, dtype: torch.dtype) -> None:
+    """The modules among `parts` to `dtype` in place, with nn.Module.to: diffusers' own `.to` warns
+    "modules ... should be kept in float32: []" on every cast of these classes."""
+    for part in parts:
+        if isinstance(part, torch.nn.Module) and dtype != torch.float32:
+            torch.nn.Module.to(part, dtype=dtype)
+
+
 def build_tiny(family: str = "sd", t5: bool = True):
     """The tiny pipeline of a family: sd (above), sdxl or sd3 (platform/tiny_families.py)."""
     from alignprop.platform.tiny_families import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
@@ -169,9 +177,7 @@ def load_pipeline(model: ModelSection, device: torch.device | str | None = None)
     family = get_family(resolve_family(model, local_only=False))
     if model.tiny:
         pipe = build_tiny(family.name, t5=model.t5)
-        for part in pipe.components.values():  # nn.Module.to: diffusers' .to warns on every cast
-            if isinstance(part, torch.nn.Module) and dtype != torch.float32:
-                torch.nn.Module.to(part, dtype=dtype)
+        cast_modules(pipe.components.values(), dtype)
     elif model.arch:
         from alignprop.platform.arches import build_arch_pipeline
 

@@ -34,13 +34,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def deepspeed_world():
     """A one-process world, as a launcher would set it up (DeepSpeed needs the env vars): NCCL where
     CUDA is (`pytest -m gpu`), gloo elsewhere."""
-    import deepspeed
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from alignprop.trainers.alignprop import single_process_world
+
+    single_process_world(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     yield
     if dist.is_initialized() and dist.get_backend() == "nccl":
         dist.destroy_process_group()  # else NCCL warns at exit that the group leaks

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
 import sys
@@ -56,6 +57,22 @@ class WorkerContext:
     run_id: Optional[str] = None
     progress: bool = True
     progress_lines: bool = False  # the driver's console is no terminal (logs, `ray job submit`): lines, no bar
+
+
+def single_process_world(device: torch.device) -> None:
+    """A one-rank torch.distributed world, as a launcher would set it up, for DeepSpeed outside Ray
+    (bench, gpu-check, tests): NCCL on CUDA, gloo on CPU; nothing if a world exists already."""
+    import socket
+
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
 def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:

@@ -53,11 +53,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignprop.platform.config import TruncationSection
+from alignprop.platform.config import CHECKPOINT_MODES, TruncationSection
 from alignprop.trainers.families import Conditioning, denoiser, family_of, with_guidance
 
 CONTIGUOUS = ("fixed", "uniform", "gaussian")
-CHECKPOINT_MODES = ("all", "none", "auto")  # sampling.checkpoint_unet
 # auto: activation bytes of one denoiser call, per denoiser and (input shape, dtype, autocast)
 _SAVED_BYTES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
 MAX_REDRAWS = 100  # cut_mean/cut_std: redraws (like the official loop) before clipping
@@ -182,7 +181,7 @@ def sample(
     window = sorted(set(grad_steps)) if grad_steps is not None else list(grad_window(num_steps, k))
     keep = set(window)
     grad_allowed = torch.is_grad_enabled()  # an outer no_grad (evaluation) wins over the window
-    plan = checkpoint_unet if isinstance(checkpoint_unet, CheckpointPlan) else CheckpointPlan(checkpoint_unet)
+    plan = CheckpointPlan.of(checkpoint_unet)
     first_kept = window[0] if window and grad_allowed else None
 
     for i, t in enumerate(scheduler.timesteps):
@@ -243,7 +242,7 @@ def draft_lv_images(pipe, unet, prompt_embeds: Conditioning, negative_embeds: Co
     level and take that last step again with a graph; returns the copies' images (copies·B×3×H×W)."""
     family, scheduler = family_of(pipe), pipe.scheduler
     text = guidance_text(unet, prompt_embeds, negative_embeds, guidance_scale)
-    plan = checkpoint_unet if isinstance(checkpoint_unet, CheckpointPlan) else CheckpointPlan(checkpoint_unet)
+    plan = CheckpointPlan.of(checkpoint_unet)
     t, images = scheduler.timesteps[-1], []
     for _ in range(copies):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -280,6 +279,11 @@ class CheckpointPlan:
     recomputed: int = 0
     kept_bytes: int = 0
     budget: int = field(init=False, default=0)
+
+    @classmethod
+    def of(cls, checkpoint_unet: Union[bool, str, "CheckpointPlan"]) -> "CheckpointPlan":
+        """A caller's plan as it is (its counters are read afterwards), or a fresh one for a mode."""
+        return checkpoint_unet if isinstance(checkpoint_unet, cls) else cls(checkpoint_unet)
 
     def __post_init__(self):
         self.mode = {True: "all", False: "none"}.get(self.mode, self.mode)
