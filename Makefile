@@ -41,7 +41,7 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 gpu-check: setup
-	$(PY) -m alignprop.platform.gpu_check --out gpu-check
+	$(PY) -m alignprop.platform.bench.gpu_check --out gpu-check
 
 ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db

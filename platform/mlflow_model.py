@@ -67,8 +67,8 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from alignprop.platform.models import load_pipeline
-        from alignprop.platform.quiet import load_lora_weights
-        from alignprop.platform.soup import lora_weights_file
+        from alignprop.platform.console import load_lora_weights
+        from alignprop.platform.soup.mix import lora_weights_file
         from alignprop.trainers.families import family_of
 
         cfg = read_config(context.artifacts["config"])
@@ -178,7 +178,7 @@ def log_run_model(tracking_uri: str, run_id: str, lora: str = LORA_ARTIFACT) -> 
     from mlflow.artifacts import download_artifacts
     from mlflow.entities import LoggedModelOutput
 
-    from alignprop.platform.soup import lora_weights_file
+    from alignprop.platform.soup.mix import lora_weights_file
     from alignprop.platform.tracking import last_logged_step
 
     client = MlflowClient(tracking_uri)

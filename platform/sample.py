@@ -20,9 +20,9 @@ import torch
 
 from alignprop.platform.config import ConfigError, RunConfig
 from alignprop.platform.models import LORA_WEIGHTS_NAME, load_pipeline
-from alignprop.platform.quiet import load_lora_weights
+from alignprop.platform.console import load_lora_weights
 from alignprop.trainers.families import family_of
-from alignprop.platform.soup import lora_weights_file
+from alignprop.platform.soup.mix import lora_weights_file
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 URI_ACCEPTED = ("runs:/<run_id>/lora/final, runs:/<run_id>/model or models:/<name>/<version> (or models:/<name>@<alias>) "

@@ -9,7 +9,7 @@
 
 `toy_count` and `toy_color` are small CNNs trained on the generator's ground truth (like the
 paper's detector and aesthetic predictors; `alignprop toy-world build-rewards`), shipped beside
-the toy-world pipeline. The judge (`alignprop.platform.toy_judge`) reads pixels without a learned
+the toy-world pipeline. The judge (`alignprop.platform.toy_world.judge`) reads pixels without a learned
 model; scored on held-out prompts beside a learned reward, it shows over-optimisation (the learned
 reward rises while the true metric falls). Targets come from the option, else from the prompt (the
 toy grammar "two red circles on a white background", or the first count / colour word in it).
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignprop.platform.toy_judge import judge
+from alignprop.platform.toy_world.judge import judge
 from alignprop.platform.toy_world import COLOURS, COUNTS, SHIPPED_DIR, SIZE, prompt_colour, prompt_count
 from alignprop.rewards.base import DTYPE_CHOICES, Reward, read_state_dict
 
@@ -105,7 +105,7 @@ class ToyCount(Reward):
     """−|soft count − target|: the toy world's `object_count`, a CNN density map summed."""
 
     name = "toy_count"
-    needs = "the toy world's count CNN (shipped in platform/toy_world_pretrained/rewards; `model` for another)"
+    needs = "the toy world's count CNN (shipped in platform/toy_world/pretrained/rewards; `model` for another)"
     choices = {"dtype": DTYPE_CHOICES}
 
     def __init__(self, target: Optional[int] = None, model: Optional[str] = None, dtype: str = "auto"):
@@ -130,7 +130,7 @@ class ToyColor(Reward):
     """The share of the image (0–1) a CNN sees in the target colour."""
 
     name = "toy_color"
-    needs = "the toy world's colour CNN (shipped in platform/toy_world_pretrained/rewards; `model` for another)"
+    needs = "the toy world's colour CNN (shipped in platform/toy_world/pretrained/rewards; `model` for another)"
     choices = {"color": tuple(COLOURS), "dtype": DTYPE_CHOICES}
 
     def __init__(self, color: Optional[str] = None, model: Optional[str] = None, dtype: str = "auto"):

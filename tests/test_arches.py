@@ -1,4 +1,4 @@
-"""platform/arches.py: the published SD 1.5 / SD 2.1 architectures with random weights, offline."""
+"""platform/models/full_size.py: the published SD 1.5 / SD 2.1 architectures with random weights, offline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop.platform.arches import (
+from alignprop.platform.models.full_size import (
     ARCHES,
     arch_configs,
     arch_denoiser_config,

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from alignprop.platform.quiet import filter_ray_worker_logs, is_noise, quiet_known_noise
-from alignprop.platform.run_summary import closing_summary, ui_hint
+from alignprop.platform.console import filter_ray_worker_logs, is_noise, quiet_known_noise
+from alignprop.platform.launch.summary import closing_summary, ui_hint
 
 # Lines a tiny-cpu demo printed before (2026-11-26), verbatim.
 MEASURED_NOISE = [

@@ -157,7 +157,7 @@ def test_sdxl_vae_stays_float32_under_float16_and_sd3_runs_without_t5():
 
 def test_soup_of_sd3_adapters_loads_into_its_pipeline(tmp_path):
     """`alignprop soup` keeps an adapter's component (transformer for sd3) in the metadata it writes."""
-    from alignprop.platform.soup import soup
+    from alignprop.platform.soup.mix import soup
 
     def trained(name, scale):
         pipe = build_tiny("sd3")
@@ -192,7 +192,7 @@ def test_alignprop_sample_uses_the_familys_pipeline_with_and_without_lora(family
 
 @pytest.mark.slow
 def test_bench_runs_on_the_flow_matching_family(capsys):
-    from alignprop.platform.bench import run_bench
+    from alignprop.platform.bench.steps import run_bench
 
     for family in ("sd3",):  # the sdxl path is the same code (its bench table is in NOTES.md)
         rows = run_bench(load_config(PRESETS[family], ["sampling.num_steps=1", "truncation.k=1", "trainer.batch_size=1"]),

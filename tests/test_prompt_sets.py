@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from alignprop.platform import prompt_sets
+from alignprop.platform import prompt_files as prompt_sets
 from alignprop.platform.config import ConfigError, load_config, read_prompt_file
 
 

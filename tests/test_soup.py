@@ -10,7 +10,7 @@ import torch
 
 from alignprop.platform.config import ConfigError, LoraSection
 from alignprop.platform.models import add_lora, build_tiny_pipeline, save_lora
-from alignprop.platform.soup import read_lora, soup
+from alignprop.platform.soup.mix import read_lora, soup
 from conftest import subprocess_env
 
 

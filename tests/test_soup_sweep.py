@@ -11,8 +11,8 @@ import torch
 from alignprop.platform.cli import main
 from alignprop.platform.config import load_config
 from alignprop.platform.models import load_pipeline
-from alignprop.platform.soup import read_adapters
-from alignprop.platform.soup_sweep import SWEEP_ACCEPTED, parse_sweep, render, sweep_images
+from alignprop.platform.soup.mix import read_adapters
+from alignprop.platform.soup.alpha_scan import SWEEP_ACCEPTED, parse_sweep, render, sweep_images
 from test_soup import trained_adapter
 
 FAST = ["sampling.num_steps=2", "truncation.k=2"]

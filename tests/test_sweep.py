@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from alignprop.platform.config import load_config
-from alignprop.platform.sweep_space import load_space
+from alignprop.platform.sweeps.space import load_space
 from conftest import VENV_BIN, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def sweep_config(tmp_path, url, experiment, *overrides):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, mlflow_server, local_ray):
-    from alignprop.platform.tune import run_sweep
+    from alignprop.platform.sweeps.tune import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     space = tmp / "lr.yaml"
@@ -146,7 +146,7 @@ def test_no_cpu_reservation_is_left_behind(sweep, local_ray):
 
 
 def test_a_failing_trial_does_not_stop_the_sweep(sweep, mlflow_server, local_ray):
-    from alignprop.platform.tune import run_sweep
+    from alignprop.platform.sweeps.tune import run_sweep
 
     _, _, tmp = sweep
     space = tmp / "fail.yaml"
@@ -160,7 +160,7 @@ def test_a_failing_trial_does_not_stop_the_sweep(sweep, mlflow_server, local_ray
 def test_rerunning_a_sweep_with_the_same_name_resumes_it(sweep, mlflow_server, local_ray):
     from mlflow import MlflowClient
 
-    from alignprop.platform.tune import run_sweep
+    from alignprop.platform.sweeps.tune import run_sweep
 
     summary, _, tmp = sweep
     cfg = sweep_config(tmp, mlflow_server, "sweep")
@@ -179,7 +179,7 @@ def test_a_two_trial_comparison_sweep_puts_the_figure_and_table_in_the_parent_ru
     import mlflow.artifacts
     from mlflow import MlflowClient
 
-    from alignprop.platform.tune import run_sweep
+    from alignprop.platform.sweeps.tune import run_sweep
 
     _, _, tmp = sweep
     space = tmp / "compare.yaml"

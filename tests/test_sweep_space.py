@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-import alignprop.platform.sweep_space as sweep_space
+import alignprop.platform.sweeps.space as sweep_space
 from alignprop.platform.config import ConfigError, load_config
-from alignprop.platform.sweep_space import apply_params, list_spaces, load_space
+from alignprop.platform.sweeps.space import apply_params, list_spaces, load_space
 from conftest import subprocess_env
 
 SPACE_CONFIG = {"reward_weights": "sd15-aesthetic+hps"}
@@ -162,7 +162,7 @@ def test_optuna_search_and_asha_scheduler_build():
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from alignprop.platform.tune import _scheduler, _search
+    from alignprop.platform.sweeps.tune import _scheduler, _search
 
     spec = load_space("reward_weights", base_config("sd15-aesthetic+hps"))
     assert isinstance(_search(spec), OptunaSearch)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alignprop.platform.config import ConfigError
-from alignprop.platform.toy_judge import evaluate, judge
+from alignprop.platform.toy_world.judge import evaluate, judge
 from alignprop.platform.toy_world import (GAP, HELDOUT_CAPTIONS, SIZE, TRAIN_CAPTIONS, Caption, all_captions, batch,
                                           parse_caption)
 from alignprop.rewards import build_reward, validate_reward_specs
@@ -65,7 +65,7 @@ def test_judge_recovers_count_and_colour_of_generated_images_exactly():
 
 def test_toy_text_side_has_one_token_per_word_and_tells_every_caption_apart():
     from alignprop.platform.models import build_tiny_pipeline
-    from alignprop.platform.toy_world_text import toy_text_components
+    from alignprop.platform.toy_world.text import toy_text_components
 
     stock = build_tiny_pipeline()
     tokenizer, encoder = toy_text_components(stock)
@@ -188,7 +188,7 @@ def test_shipped_pipeline_loads_offline_and_passes_a_small_quality_bar(capsys, m
 
 
 def test_reward_model_targets_are_the_generator_truth():
-    from alignprop.platform.toy_world_rewards import ground_truth
+    from alignprop.platform.toy_world.reward_training import ground_truth
 
     truth = ground_truth([0, 1], 96)
     counts = truth.density.sum((1, 2))
@@ -198,7 +198,7 @@ def test_reward_model_targets_are_the_generator_truth():
 
 
 def test_reward_models_train_and_record_their_weights(tmp_path):
-    from alignprop.platform.toy_world_rewards import train_rewards
+    from alignprop.platform.toy_world.reward_training import train_rewards
 
     summary = train_rewards(tmp_path, seed=0, budget_min=0.03, batch_size=8)
     assert "count MAE" in summary

@@ -125,7 +125,7 @@ def test_prompt_sets_are_dataset_inputs_logged_once_across_reopening_the_run(uri
 
 def test_prompt_sets_of_a_config_name_their_files_urls_or_config_keys(tmp_path, monkeypatch):
     from alignprop.platform.config import PROMPT_DIR, load_config
-    from alignprop.platform.prompt_sets import REMOTE_PROMPT_SETS
+    from alignprop.platform.prompt_files import REMOTE_PROMPT_SETS
 
     train, held_out = prompt_sets(load_config("tiny-cpu", paths=False))
     assert (train.context, train.name, train.source) == ("training", "simple_animals.txt", str(PROMPT_DIR / "simple_animals.txt"))

@@ -37,7 +37,7 @@ from alignprop.rewards import build_rewards
 from alignprop.trainers.checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from alignprop.trainers.checkpoint import load_engine_state, save_engine_state
 from alignprop.trainers.families import denoiser
-from alignprop.trainers.fast_paths import apply_perf, autocast, compiled_prefix, compute_dtype
+from alignprop.trainers.perf import apply_perf, autocast, compiled_prefix, compute_dtype
 from alignprop.trainers.sampling import CheckpointPlan, draft_lv_images, draw_grad_steps, encode_prompts, negative_prompt, sample
 
 STATE_FILE = "trainer_state.json"

@@ -4,7 +4,7 @@
     alignprop soup --lora a.safetensors --lora b.safetensors --weights 0.5 0.5 --mode params --out soups/avg
     alignprop soup --lora runs/aesthetic --lora base --weights 0.5 0.5 --mode params --out soups/half
     alignprop soup --sweep 0:1:0.1 --lora runs/aesthetic --lora runs/hps --config tiny-cpu \
-        --tracking-uri sqlite:////abs/mlflow.db --out soups/sweep      # see alignprop.platform.soup_sweep
+        --tracking-uri sqlite:////abs/mlflow.db --out soups/sweep      # see alignprop.platform.soup.alpha_scan
 
 Two modes:
 

@@ -19,8 +19,8 @@ from ray.tune import Callback
 from alignprop.platform.config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
 from alignprop.platform.launch import (build_trainer, check_local_resources, init_ray, ray_address, resolve_storage_path,
                                        resolved_tracking_uri, wait_for_cluster_resources)
-from alignprop.platform.sweep_space import SweepSpec, apply_params, tune_domain
-from alignprop.platform.quiet import close_progress_bars
+from alignprop.platform.sweeps.space import SweepSpec, apply_params, tune_domain
+from alignprop.platform.console import close_progress_bars
 from alignprop.platform.tracking import probe_tracking_uri, prompt_sets, run_context_tags, run_lock, tracked_run
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
@@ -136,7 +136,7 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
     """Build (or restore) the Tuner, run it, summarise into the parent run."""
     from ray import tune
 
-    from alignprop.platform.sweep_summary import summarize
+    from alignprop.platform.sweeps.summary import summarize
 
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,

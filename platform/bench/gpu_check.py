@@ -1,8 +1,8 @@
 """`make gpu-check`: the GPU tests and the SD1.5-size bench in one go, ≤ 8 minutes on one H100, written
 as one Markdown table (plus the raw rows as JSON lines) for NOTES.md:
 
-    make gpu-check                                  # = python -m alignprop.platform.gpu_check --out gpu-check
-    python -m alignprop.platform.gpu_check --out DIR [--budget-s 420] [--skip-tests]
+    make gpu-check                                  # = python -m alignprop.platform.bench.gpu_check --out gpu-check
+    python -m alignprop.platform.bench.gpu_check --out DIR [--budget-s 420] [--skip-tests]
 
 1. `pytest -m gpu tests/test_gpu.py`: NCCL, DeepSpeed bf16 and fp16, autocast, resume, checkpoint
    policy, the memory bound of K = 1 at 512 px batch 4 (SD1.5 size).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from alignprop.platform.bench import PHASES, build_recipe, cell_row, denoiser_flops, measure_cell, peak_tflops
+from alignprop.platform.bench.steps import PHASES, build_recipe, cell_row, denoiser_flops, measure_cell, peak_tflops
 from alignprop.platform.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def write_table(check: Check) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignprop.platform.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m alignprop.platform.bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu-check", help="directory for gpu-check.md, gpu-check.jsonl, pytest-gpu.log")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cells after this many seconds")
     parser.add_argument("--skip-tests", action="store_true")
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         return 2
     if not args.dry_run:
         os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    from alignprop.platform.quiet import quiet_known_noise
+    from alignprop.platform.console import quiet_known_noise
 
     quiet_known_noise()
     check = Check(Path(args.out), args.budget_s, args.dry_run)

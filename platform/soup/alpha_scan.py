@@ -11,7 +11,7 @@ mix is loaded into the config's pipeline, the held-out prompts (`--prompt`, defa
 trainer.eval_prompts) are sampled with the config's sampling settings and one fixed seed (default
 trainer.eval_seed: the same noise for every α, as in the trainer's evaluation), and every reward
 of `rewards` and `eval_rewards` scores them (mean over prompts). `base` on either side is the zero
-adapter (the base model; see alignprop.platform.soup).
+adapter (the base model; see alignprop.platform.soup.mix).
 
 One NEW MLflow run per sweep (tag alignprop.kind=soup-sweep) holds: params lora_1, lora_2, mode,
 alphas; metrics soup/<label> and soup/alpha at step = index of α; artifacts soup_sweep.csv
@@ -38,7 +38,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from alignprop.platform.config import ConfigError, RunConfig
-from alignprop.platform.soup import BASE, MODES, is_base, mix, read_adapters, write_lora
+from alignprop.platform.soup.mix import BASE, MODES, is_base, mix, read_adapters, write_lora
 
 SWEEP_ACCEPTED = "start:stop:step with 0 <= start < stop <= 1 and step > 0"
 MAX_ALPHAS = 1001
@@ -89,7 +89,7 @@ def check_sweep_args(sweep: str, loras: Sequence[str], weights: Optional[Sequenc
 def loaded_mix(pipe, state: dict[str, torch.Tensor], meta: dict) -> Iterator[None]:
     """The mixed adapter loaded into `pipe` (as a PEFT adapter, never fused) for the block, then
     unloaded: the LoRA layers are removed and the untouched base layers put back."""
-    from alignprop.platform.quiet import load_lora_weights
+    from alignprop.platform.console import load_lora_weights
 
     with tempfile.TemporaryDirectory(prefix="alignprop-soup-") as tmp:
         path = write_lora(state, meta, tmp)

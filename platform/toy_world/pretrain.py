@@ -3,7 +3,7 @@
     alignprop toy-world build DIR --seed 0 --budget-min 19      # → a diffusers directory in DIR
     alignprop toy-world build DIR2 --replay DIR/build.json          # repeat a build step for step
 
-Two phases on `platform/models.py`'s stock tiny UNet and VAE, with the stock frozen text encoder
+Two phases on `platform/models/__init__.py`'s stock tiny UNet and VAE, with the stock frozen text encoder
 plus one token per grammar word (`toy_world_text.py`):
 1. VAE: reconstruction (MSE + KL_WEIGHT·KL) on freshly drawn toy images for `vae_share` of the
    budget. Then the latent scale (1 / std of the posterior means).
@@ -46,9 +46,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignprop.platform.config import ConfigError
-from alignprop.platform.quiet import loading_bars_off
+from alignprop.platform.console import loading_bars_off
 from alignprop.platform.toy_world import HELDOUT_CAPTIONS, TRAIN_CAPTIONS, batch, to_tensor
-from alignprop.platform.toy_world_schedule import WARMUP, run_phase
+from alignprop.platform.toy_world.schedule import WARMUP, run_phase
 
 STATE_DIR = ".state"
 STATE_VERSION = 1
@@ -303,7 +303,7 @@ class _Run:
 
     def __init__(self, out: Path, opts: BuildOptions):
         from alignprop.platform.models import build_tiny_pipeline
-        from alignprop.platform.toy_world_text import toy_text_components
+        from alignprop.platform.toy_world.text import toy_text_components
 
         self.out, self.opts, self.state_dir = out, opts, out / STATE_DIR
         record = _read_state(self.state_dir, opts)
@@ -500,9 +500,9 @@ def build_markdown(result: BuildResult, command: str) -> str:
     r, o = result.record, result.record["options"]
     return f"""# Toy-world pipeline
 
-The tiny SD-shaped pipeline of `platform/models.py` (stock UNet and VAE, the stock frozen text
+The tiny SD-shaped pipeline of `platform/models/__init__.py` (stock UNet and VAE, the stock frozen text
 encoder with one token per grammar word, DDIM), pretrained on the toy world
-(`platform/toy_world.py`) by:
+(`platform/toy_world/__init__.py`) by:
 
 ```bash
 {command}
@@ -549,7 +549,7 @@ def build(directory: str | Path, opts: BuildOptions, command: str = "") -> Build
     files = _save_pipeline(run)
     quick = None
     if opts.eval_prompts:
-        from alignprop.platform.toy_judge import evaluate
+        from alignprop.platform.toy_world.judge import evaluate
 
         pipe = load_toy_pipeline(out)
         quick = evaluate(pipe, [c.text for c in HELDOUT_CAPTIONS[:opts.eval_prompts]], seeds=(0,)).summary()

@@ -44,7 +44,7 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 def build_recipe(cfg: RunConfig, device: torch.device):
-    from alignprop.platform.quiet import is_noise
+    from alignprop.platform.console import is_noise
     from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext, single_process_world
 
     cfg = replace(cfg, trainer=replace(cfg.trainer, eval_every=0))
@@ -139,7 +139,7 @@ def measure_cell(recipe, k: int, batch: int, mode: str, steps: int, flops: tuple
 
 def run_cells(config: dict, cells: Sequence[tuple[int, int, str]], steps: int) -> list[dict]:
     """Cells (k, batch, mode) of one config in this process, sharing one recipe."""
-    from alignprop.platform.quiet import quiet_known_noise
+    from alignprop.platform.console import quiet_known_noise
 
     quiet_known_noise()
     torch.set_num_threads(int(os.environ.get("ALIGNPROP_BENCH_THREADS", "1")))

@@ -29,7 +29,7 @@ from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from alignprop.platform.config import ConfigError, LoraSection, ModelSection, model_path
-from alignprop.platform.quiet import loading_bars_off
+from alignprop.platform.console import loading_bars_off
 from alignprop.trainers.families import FAMILY_NAMES, PIPELINE_FAMILIES, family_of_denoiser, get_family, pipeline_class
 
 TINY_SEED = 0  # the tiny pipeline's weights are a pure function of this seed: every worker agrees
@@ -113,8 +113,8 @@ def cast_modules(parts, dtype: torch.dtype) -> None:
 
 
 def build_tiny(family: str = "sd", t5: bool = True):
-    """The tiny pipeline of a family: sd (above), sdxl or sd3 (platform/tiny_families.py)."""
-    from alignprop.platform.tiny_families import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+    """The tiny pipeline of a family: sd (above), sdxl or sd3 (platform/models/tiny_families.py)."""
+    from alignprop.platform.models.tiny_families import build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 
     if family == "sdxl":
         pipe = build_tiny_sdxl_pipeline(build_tiny_tokenizer(), TINY_SEED)
@@ -179,7 +179,7 @@ def load_pipeline(model: ModelSection, device: torch.device | str | None = None)
         pipe = build_tiny(family.name, t5=model.t5)
         cast_modules(pipe.components.values(), dtype)
     elif model.arch:
-        from alignprop.platform.arches import build_arch_pipeline
+        from alignprop.platform.models.full_size import build_arch_pipeline
 
         with torch.device(device or "cpu"):
             pipe = build_arch_pipeline(model.arch, seed=TINY_SEED, dtype=dtype)
@@ -246,7 +246,7 @@ def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revis
     alone; None for a hub id whose config is not in the local cache (the worker then checks)."""
     from diffusers import SD3Transformer2DModel
 
-    from alignprop.platform.tiny_families import tiny_sd3_transformer, tiny_sdxl_unet
+    from alignprop.platform.models.tiny_families import tiny_sd3_transformer, tiny_sdxl_unet
 
     sub = get_family(family).denoiser_name
     cls = SD3Transformer2DModel if sub == "transformer" else UNet2DConditionModel
@@ -256,7 +256,7 @@ def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revis
         if tiny:
             config = None
         elif arch:
-            from alignprop.platform.arches import arch_denoiser_config
+            from alignprop.platform.models.full_size import arch_denoiser_config
 
             config = arch_denoiser_config(arch)
         elif path.is_dir():

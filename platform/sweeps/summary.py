@@ -1,7 +1,7 @@
 """End of a sweep: results table (printed, CSV), metric-vs-parameter plot, best trial and its LoRA,
 all logged to the MLflow parent run; early-stopped children are closed as KILLED. Grids over
 `trainer.algorithm` (or seeds) also get the sample-efficiency figure and table
-(platform/sample_efficiency.py)."""
+(platform/sweeps/sample_efficiency.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from alignprop.platform import sample_efficiency
-from alignprop.platform.sweep_space import SweepSpec
+from alignprop.platform.sweeps import sample_efficiency
+from alignprop.platform.sweeps.space import SweepSpec
 
 
 def _rows(results, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:

@@ -237,7 +237,7 @@ def prompt_sets(cfg) -> list[PromptSet]:
     read now; a public set's source is its URL, its text the cached copy). Call after
     `check_paths`, which fetches public sets and makes relative paths absolute."""
     from alignprop.platform.config import prompt_path, read_prompt_file
-    from alignprop.platform.prompt_sets import REMOTE_PROMPT_SETS, cache_dir
+    from alignprop.platform.prompt_files import REMOTE_PROMPT_SETS, cache_dir
 
     tr, sets = cfg.trainer, []
     for context, key, prompts, file in (("training", "trainer.prompts", tr.prompts, tr.prompt_file),

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHIPPED_DIR = Path(__file__).parent / "toy_world_pretrained"  # the pretrained pipeline (+ reward models)
+SHIPPED_DIR = Path(__file__).parent / "pretrained"  # the pretrained pipeline (+ reward models)
 SIZE = 32  # image side in pixels
 SUPERSAMPLE = 4  # shapes are drawn at 4× and box-filtered down: anti-aliased edges
 COUNTS = ("one", "two", "three", "four")

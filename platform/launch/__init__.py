@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from alignprop.platform.config import ConfigError, RunConfig, flatten, from_dict, read_prompt_file, run_name, to_dict, to_yaml
-from alignprop.platform.quiet import close_progress_bars, filter_ray_worker_logs, quiet_known_noise
+from alignprop.platform.console import close_progress_bars, filter_ray_worker_logs, quiet_known_noise
 from alignprop.platform.tracking import probe_tracking_uri, prompt_sets, resolve_tracking_uri, run_lock, tracked_run
 
 
@@ -160,7 +160,7 @@ def init_ray(address: Optional[str]) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        from alignprop.platform.loopback import enter_loopback_mode
+        from alignprop.platform.launch.loopback import enter_loopback_mode
 
         enter_loopback_mode()
         # Ray Train's actors query the state API with no address: with another Ray on this machine
@@ -188,7 +188,7 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from alignprop.platform.loopback import LoopbackTorchConfig, on_loopback_node
+    from alignprop.platform.launch.loopback import LoopbackTorchConfig, on_loopback_node
 
     return TorchTrainer(
         train_loop_per_worker,
@@ -197,7 +197,7 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
                            "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None,
                            "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
                                             if cfg.trainer.eval_prompt_file else None)},
-        # On our loopback Ray the c10d rendezvous listens on 127.0.0.1 too (platform/loopback.py).
+        # On our loopback Ray the c10d rendezvous listens on 127.0.0.1 too (platform/launch/loopback.py).
         torch_config=(LoopbackTorchConfig if on_loopback_node() else TorchConfig)(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,

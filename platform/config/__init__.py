@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 PRESET_DIR = Path(__file__).parent / "configs"
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-ARCH_NAMES = ("sd15", "sd21")  # model.arch (platform/arches.py)
+ARCH_NAMES = ("sd15", "sd21")  # model.arch (platform/models/full_size.py)
 CHECKPOINT_MODES = ("all", "none", "auto")  # sampling.checkpoint_unet (trainers/sampling.py)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # perf.compile_mode
 FAMILY_CHOICES = ("auto", "sd", "sdxl", "sd3")  # trainers/families.py
@@ -47,7 +47,7 @@ class ModelSection:
     pretrained: Optional[str] = None  # hub id, local diffusers directory, or toy-world (the shipped toy pipeline)
     tiny: bool = False  # build the tiny offline pipeline instead
     # sd15 | sd21: build that published full-size architecture with random weights, offline
-    # (platform/arches.py): real sizes for benchmarks and tests without the hub
+    # (platform/models/full_size.py): real sizes for benchmarks and tests without the hub
     arch: Optional[str] = None
     revision: Optional[str] = None
     dtype: str = "float32"  # frozen VAE / text encoder / UNet weights
@@ -172,7 +172,7 @@ class DeepSpeedSection:
 
 @dataclass
 class PerfSection:
-    """Speed switches (trainers/fast_paths.py); none changes what is trained except autocast's rounding."""
+    """Speed switches (trainers/perf.py); none changes what is trained except autocast's rounding."""
 
     # none | bf16 | fp16: run the denoiser, VAE and rewards under torch.autocast (frozen weights in
     # model.dtype, LoRA weights and their AdamW state fp32; use with deepspeed.precision fp32/auto)
@@ -478,8 +478,8 @@ def _validate_truncation(t: TruncationSection, n: int) -> None:
 
 def prompt_path(name: str, field_name: str = "trainer.prompt_file") -> Path:
     """A prompt file: an absolute path, a path relative to the cwd, a file shipped in
-    platform/prompts/, or a public prompt set fetched once into the cache (platform/prompt_sets.py)."""
-    from alignprop.platform.prompt_sets import REMOTE_PROMPT_SETS, fetch_prompt_set
+    platform/prompts/, or a public prompt set fetched once into the cache (platform/prompt_files.py)."""
+    from alignprop.platform.prompt_files import REMOTE_PROMPT_SETS, fetch_prompt_set
 
     path = Path(name).expanduser()
     if path.is_absolute():
@@ -493,7 +493,7 @@ def prompt_path(name: str, field_name: str = "trainer.prompt_file") -> Path:
 
 def read_prompt_file(name: str, field_name: str = "trainer.prompt_file") -> list[str]:
     """Non-empty, non-comment lines of a UTF-8 text file; ConfigError (one line) otherwise."""
-    from alignprop.platform.prompt_sets import REMOTE_PROMPT_SETS
+    from alignprop.platform.prompt_files import REMOTE_PROMPT_SETS
 
     path = prompt_path(name, field_name)
     known = ", ".join(sorted([p.name for p in PROMPT_DIR.glob("*.txt")] + list(REMOTE_PROMPT_SETS)))
