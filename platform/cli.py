@@ -19,9 +19,9 @@ import argparse
 import os
 import sys
 
-from alignprop.platform.config import ConfigError, list_presets, load_config
-from alignprop.platform.errors import RunBusyError, UnsafeCheckpointError
-from alignprop.platform.console import quiet_known_noise
+from .config import ConfigError, list_presets, load_config
+from .errors import RunBusyError, UnsafeCheckpointError
+from .console import quiet_known_noise
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the shipped presets")
     rewards = sub.add_parser("rewards", help="reward models: `alignprop rewards list`")
     rewards.add_argument("action", choices=["list"])
-    from alignprop.platform.toy_world.cli import add_parser as add_toy_world_parser
+    from .toy_world.cli import add_parser as add_toy_world_parser
 
     add_toy_world_parser(sub)
     return parser
@@ -105,54 +105,54 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             print("\n".join(list_presets()))
         elif args.command == "rewards":
-            from alignprop.rewards.base import describe_rewards
+            from ..rewards import describe_rewards
 
             for row in describe_rewards():
                 print(f"{row['name']:<16} {row['needs']}\n{'':<16} weights: {row['weights']}")
         elif args.command == "toy-world":
-            from alignprop.platform.toy_world.cli import run as run_toy_world
+            from .toy_world.cli import run as run_toy_world
 
             run_toy_world(args)
         elif args.command == "tiny-model":
-            from alignprop.platform.models import save_tiny_pipeline
+            from .models import save_tiny_pipeline
 
             print(save_tiny_pipeline(args.dir, args.family))
         elif args.command == "train":
-            from alignprop.platform.launch import launch
-            from alignprop.platform.launch.summary import print_summary
+            from .launch import launch
+            from .launch.summary import print_summary
 
             print_summary(launch(load_config(args.config, _with_flags(args)), register=args.register))
         elif args.command == "tune":
-            from alignprop.platform.sweeps.space import load_space
+            from .sweeps.space import load_space
 
             cfg = load_config(args.config, _with_flags(args))
             spec = load_space(args.space, cfg)
             if args.num_samples < 1 or (args.max_concurrent is not None and args.max_concurrent < 1) or args.trial_retries < 0:
                 raise ConfigError("--num-samples/--max-concurrent/--trial-retries: accepted: integers >= 1 (retries >= 0)")
-            from alignprop.platform.sweeps.tune import run_sweep
+            from .sweeps.tune import run_sweep
 
             run_sweep(cfg, spec, args.num_samples, args.max_concurrent, args.name, args.register, args.trial_retries)
         elif args.command == "sample":
-            from alignprop.platform.sample import write_samples
+            from .sample import write_samples
 
             cfg = load_config(args.config, _with_flags(args))
             for path in write_samples(cfg, args.prompt, args.out, args.lora, args.seed, args.tracking_uri):
                 print(path)
         elif args.command == "soup" and args.sweep is not None:
-            from alignprop.platform.soup.alpha_scan import check_sweep_args, format_table, run_soup_sweep
+            from .soup.alpha_scan import check_sweep_args, format_table, run_soup_sweep
 
             alphas = check_sweep_args(args.sweep, args.lora, args.weights, args.config, args.mode)
             cfg = load_config(args.config, _with_flags(args))
             prompts = list(args.prompt or cfg.trainer.eval_prompts)
             if not prompts and getattr(cfg.trainer, "eval_prompt_file", None):
-                from alignprop.platform.config import read_prompt_file
+                from .prompt_files import read_prompt_file
 
                 prompts = list(read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file"))
             if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
                 raise ConfigError("--prompt: no held-out prompts (none given, trainer.eval_prompts empty or blank); accepted: --prompt TEXT (repeatable) or a config with trainer.eval_prompts")
-            from alignprop.platform.sample import resolve_lora
-            from alignprop.platform.soup.mix import is_base
-            from alignprop.platform.tracking import resolve_tracking_uri
+            from .sample import resolve_lora
+            from .soup.mix import is_base
+            from .tracking import resolve_tracking_uri
 
             uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
             loras = [x if is_base(x) else str(resolve_lora(x, uri)) for x in args.lora]
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(result.rows, result.labels))
             print(f"[alignprop] soup sweep: mlflow run {result.run_id} at {result.tracking_uri}; {result.csv_path}, {result.plot_path}")
         elif args.command == "soup":
-            from alignprop.platform.sample import resolve_lora
-            from alignprop.platform.soup.mix import is_base, soup
+            from .sample import resolve_lora
+            from .soup.mix import is_base, soup
 
             if args.weights is None:
                 raise ConfigError("--weights: required without --sweep; accepted: one weight per --lora (e.g. 0.7 0.3), or --sweep start:stop:step")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:  # one-line argument errors (counts, shapes, modes)
                 raise ConfigError(str(err)) from None
         elif args.command == "bench":
-            from alignprop.platform.bench.steps import parse_list, run_bench
+            from .bench.steps import parse_list, run_bench
 
             ks = parse_list(args.k, int, "--k", "comma-separated integers such as 1,5,50")
             batches = parse_list(args.batch, int, "--batch", "comma-separated integers such as 1,2,4")

@@ -1,4 +1,9 @@
-"""The stack's known console noise, filtered where it is raised; everything else still shows.
+"""The console: rank 0's progress bar, and the stack's known noise filtered where it is raised
+(everything else still shows).
+
+`progress_bar(total, initial, enabled, lines)` is rank 0's bar: Ray's tqdm inside a Ray worker (the
+driver draws it as one bar), plain tqdm elsewhere, one line per tenth of the run where the driver's
+console is no terminal (logs, `ray job submit`).
 
 `quiet_known_noise()` runs first in the CLI and in every Train worker: it drops a few exact
 messages (logging filters and warning filters matched on the message, never a whole logger or
@@ -12,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -157,3 +164,49 @@ def load_lora_weights(pipe, directory: str, weight_name: str, **kwargs) -> None:
         pipe.load_lora_weights(directory, weight_name=weight_name, **kwargs)
     finally:
         diffusers_logging.set_verbosity(verbosity)
+
+
+class ProgressLines:
+    """A bar for consoles that are no terminal: one line every tenth of the run and at the end."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.n, self.desc, self.start, self.first = total, initial, "alignprop", time.monotonic(), initial
+        self.every = max(1, total // 10)
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n >= self.total:
+            per_step = (time.monotonic() - self.start) / max(1, self.n - self.first)
+            # sys.__stdout__: Ray Train's print patch tees a print to a wrapped sys.stdout and logs it
+            # to the console as well (every line twice on the driver); this file it prints once.
+            print(f"[{self.desc}] step {self.n}/{self.total} ({per_step:.2f} s/step)", file=sys.__stdout__, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool, lines: bool = False):
+    """Rank 0's bar. In a Ray worker, Ray's tqdm: the driver draws it as one bar (plain tqdm's
+    carriage-return updates arrive there as a new line each); `lines` where no terminal shows it."""
+    from tqdm.auto import tqdm
+
+    ray = sys.modules.get("ray")  # imported by Ray's workers; never imported here (GPU checks run without Ray)
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    if lines:
+        return ProgressLines(total, initial)
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        class Bar(ray_tqdm):
+            def close(self):  # once: a second close (from __del__) would draw a new bar on the driver
+                if not self._closed:
+                    super().close()
+
+        bar = Bar(total=total, desc="alignprop")
+        bar.update(initial)
+        return bar
+    return tqdm(total=total, initial=initial, desc="alignprop")

@@ -1,9 +1,11 @@
-"""Prompt sets that are not shipped: fetched once from their public source on the driver, cached.
+"""Prompt files: a path, a file shipped in platform/prompts/, or a public prompt set fetched once.
 
-    alignprop train --config sd15-hps                       # trainer.prompt_file: hps_v2_all.txt
+    read_prompt_file("toy_eval.txt")                        # shipped: platform/prompts/toy_eval.txt
+    alignprop train --config sd15-hps                       # trainer.prompt_file: hps_v2_all.txt (public)
     alignprop train --config sd15-hps trainer.prompt_file=/data/hps_v2_all.txt   # offline: a local copy
 
-Like reward weights, these live elsewhere and are not redistributed here. A name below that is
+A file is UTF-8 text, one prompt per line, `#` starts a comment; anything else is a one-line
+`ConfigError` naming the field. Public prompt sets: like reward weights, these live elsewhere and are not redistributed here. A name below that is
 neither a local file nor shipped in platform/prompts/ is downloaded to
 `$ALIGNPROP_CACHE` (default `~/.cache/alignprop`)`/prompts/<name>` on first use; offline, the
 error names the source and the option to point at a local file.
@@ -16,6 +18,10 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from .errors import ConfigError, require
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
 
 _ALIGNPROP = "https://raw.githubusercontent.com/mihirp1998/AlignProp/main/assets"
 _HPDV2 = "https://huggingface.co/datasets/zhwang/HPDv2/resolve/main/benchmark"
@@ -37,8 +43,6 @@ def cache_dir() -> Path:
 
 def fetch_prompt_set(name: str, field_name: str = "trainer.prompt_file", timeout_s: float = 20.0) -> Path:
     """The cached text file of a remote prompt set (downloaded now if missing)."""
-    from alignprop.platform.config import ConfigError
-
     url, kind = REMOTE_PROMPT_SETS[name]
     target = cache_dir() / name
     if target.is_file():
@@ -57,3 +61,32 @@ def fetch_prompt_set(name: str, field_name: str = "trainer.prompt_file", timeout
     partial.write_text(text, encoding="utf-8")
     partial.replace(target)  # atomic: a concurrent reader sees the whole file or none
     return target
+
+
+def prompt_path(name: str, field_name: str = "trainer.prompt_file") -> Path:
+    """A prompt file: an absolute path, a path relative to the cwd, a file shipped in
+    platform/prompts/, or a public prompt set fetched once into the cache (below)."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    if path.exists():
+        return path.resolve()
+    if not (PROMPT_DIR / name).is_file() and name in REMOTE_PROMPT_SETS:
+        return fetch_prompt_set(name, field_name)
+    return PROMPT_DIR / name
+
+
+def read_prompt_file(name: str, field_name: str = "trainer.prompt_file") -> list[str]:
+    """Non-empty, non-comment lines of a UTF-8 text file; ConfigError (one line) otherwise."""
+    path = prompt_path(name, field_name)
+    known = ", ".join(sorted([p.name for p in PROMPT_DIR.glob("*.txt")] + list(REMOTE_PROMPT_SETS)))
+    require(path.is_file(), field_name, f"no such file {name!r}; accepted: a path or one of {known}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    require("\0" not in text, field_name, f"{str(path)!r} is not UTF-8 text; accepted: a text file, one prompt per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    require(bool(prompts), field_name, f"{str(path)!r} has no prompts; accepted: a text file, one prompt per line (# starts a comment)")
+    return prompts

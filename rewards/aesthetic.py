@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from alignprop.rewards.base import (DTYPE_CHOICES, RESIZE_MODES, Reward, clip_preprocess, official_preprocess,
+from .base import (DTYPE_CHOICES, RESIZE_MODES, Reward, clip_preprocess, official_preprocess,
                                     read_state_dict)
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"

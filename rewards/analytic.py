@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from alignprop.rewards.base import Reward
+from .base import Reward
 
 
 class Brightness(Reward):

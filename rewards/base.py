@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -79,8 +78,6 @@ def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_ST
     x = x[..., top:top + size, left:left + size]
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
     return (x - mean) / std
-
-
 RESIZE_MODES = ("reference", "official")
 
 
@@ -212,146 +209,3 @@ class WeightedRewards(nn.Module):
                 m2 += var_b * (n - 1) + delta ** 2 * count * n / total
                 var = m2 / (total - 1) if total > 1 else 0.0
             self.stats[label] = [count + n, mean, var, steps + 1]
-
-_COMBINATION_KEYS = ("name", "weight", "label", "normalize", "normalize_decay")  # read by the combination, not the reward
-NORMALIZE_DECAY = 0.99
-
-
-def _registry() -> dict[str, type[Reward]]:
-    from alignprop.rewards.aesthetic import Aesthetic
-    from alignprop.rewards.analytic import Brightness, Colorfulness, Saturation
-    from alignprop.rewards.compressibility import Compressibility, JpegSize
-    from alignprop.rewards.object_count import ObjectCount
-    from alignprop.rewards.preference import HPSv2, PickScore
-    from alignprop.rewards.toy import ToyColor, ToyColorMatch, ToyCount, ToyCountExact
-
-    return {
-        "brightness": Brightness, "saturation": Saturation, "colorfulness": Colorfulness,
-        "aesthetic": Aesthetic, "compressibility": Compressibility, "jpeg_size": JpegSize,
-        "object_count": ObjectCount, "hpsv2": HPSv2, "pickscore": PickScore,
-        "toy_count": ToyCount, "toy_color": ToyColor, "toy_count_exact": ToyCountExact, "toy_color_match": ToyColorMatch,
-    }
-
-
-def _options(cls: type[Reward]) -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
-
-
-def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool, needs_gradient: bool = True) -> None:
-    """Check `[{name, weight, ...options}]` without building anything; one-line ConfigError."""
-    from alignprop.platform.config import ConfigError
-
-    registry = _registry()
-    if not specs and not allow_empty:
-        raise ConfigError(f"{field}: empty; accepted: a list of {{name, weight, ...options}} with name in {', '.join(registry)}")
-    labels = set()
-    for i, spec in enumerate(specs):
-        where = f"{field}[{i}]"
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ConfigError(f"{where}: expected a mapping with a 'name' key; accepted names: {', '.join(registry)}")
-        if spec["name"] not in registry:
-            raise ConfigError(f"{where}.name: unknown reward {spec['name']!r}; accepted: {', '.join(registry)}")
-        if field == "rewards" and needs_gradient and not registry[spec["name"]].differentiable:
-            raise ConfigError(f"{where}.name: {spec['name']!r} has no gradient; accepted in eval_rewards, or as a training reward "
-                              "with trainer.algorithm=ddpo (train on its differentiable twin otherwise, e.g. compressibility)")
-        weight = spec.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise ConfigError(f"{where}.weight: got {weight!r}; accepted: a number")
-        label = spec.get("label", spec["name"])
-        if label in labels:
-            raise ConfigError(f"{where}.label: {label!r} appears twice; give each repeated reward a distinct label")
-        labels.add(label)
-        accepted = _options(registry[spec["name"]])
-        for key in spec:
-            if key not in _COMBINATION_KEYS and key not in accepted:
-                raise ConfigError(f"{where}.{key}: unknown option of reward {spec['name']!r}; accepted: {', '.join([*_COMBINATION_KEYS[1:], *accepted])}")
-        if not isinstance(spec.get("normalize", False), bool):
-            raise ConfigError(f"{where}.normalize: got {spec['normalize']!r}; accepted: true, false")
-        decay = spec.get("normalize_decay", NORMALIZE_DECAY)
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1):
-            raise ConfigError(f"{where}.normalize_decay: got {decay!r}; accepted: a number in [0, 1) "
-                              f"(EMA decay per step; 0 or null: all-history mean/std)")
-        cls = registry[spec["name"]]
-        for key, accepted_values in cls.choices.items():
-            if key in spec and spec[key] not in accepted_values:
-                raise ConfigError(f"{where}.{key}: got {spec[key]!r}; accepted: {', '.join(map(str, accepted_values))}")
-        problem = cls.spec_error(spec)
-        if problem is not None:
-            raise ConfigError(f"{where}.{problem[0]}: {problem[1]}")
-
-
-def check_reward_files(specs: Sequence[dict[str, Any]], field: str) -> None:
-    """The weights each reward names exist here (on the driver: the head node of a cluster)."""
-    for i, spec in enumerate(specs):
-        for key in _WEIGHT_OPTIONS:
-            _check_weights_location(spec.get(key), f"{field}[{i}].{key}", required_file=key in _REQUIRED_FILES)
-
-
-def _check_weights_location(value: Any, where: str, required_file: bool) -> None:
-    """A local weights path must exist (checked on the driver, not found missing inside a worker)."""
-    from pathlib import Path
-
-    from alignprop.platform.config import ConfigError
-
-    if value is None:
-        return
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: got {value!r}; accepted: a local path or a hub id <org>/<name>")
-    path = Path(value).expanduser()
-    looks_local = required_file or path.is_absolute() or value.startswith((".", "~")) or value.count("/") != 1
-    if looks_local and not path.exists():
-        accepted = "an existing local file" if required_file else "an existing local path or a hub id <org>/<name>"
-        raise ConfigError(f"{where}: no such file or directory {value!r}; accepted: {accepted}")
-
-
-def build_reward(spec: dict[str, Any], dtype: Optional[torch.dtype] = None) -> Reward:
-    """The reward a spec names, frozen; a model-backed one's network in its `dtype` option, `auto`
-    (the default) meaning `dtype`, the worker's compute dtype (None: float32)."""
-    cls = _registry()[spec["name"]]
-    options = {k: v for k, v in spec.items() if k not in _COMBINATION_KEYS}
-    reward = cls(**options).freeze()
-    return reward.cast(options.get("dtype", "auto"), dtype) if "dtype" in _options(cls) else reward
-
-
-def build_rewards(specs: Sequence[dict[str, Any]], dtype: Optional[torch.dtype] = None) -> WeightedRewards:
-    """The weighted combination of `specs`; `dtype`: the worker's compute dtype (see `build_reward`)."""
-    named = [(s.get("label", s["name"]), s.get("weight", 1.0), build_reward(s, dtype)) for s in specs]
-    return WeightedRewards(named, normalize=[bool(s.get("normalize", False)) for s in specs],
-                           normalize_decay=[s.get("normalize_decay", NORMALIZE_DECAY) for s in specs])
-
-
-_WEIGHT_OPTIONS = ("model", "clip_model", "processor", "tokenizer", "config", "mlp_path", "checkpoint")
-_REQUIRED_FILES = ("mlp_path", "checkpoint")  # weights that no hub id provides: the user must set them
-
-
-def _located(value: Any) -> str:
-    """'found' if a local path exists or a hub id is in the local HF cache, else 'missing'."""
-    from pathlib import Path
-
-    if Path(str(value)).expanduser().exists():
-        return "found"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(str(value), "config.json")
-        return "found (hub cache)" if isinstance(hit, str) else "missing"
-    except Exception:  # not a valid repo id either
-        return "missing"
-
-
-def describe_rewards() -> list[dict[str, str]]:
-    """For `alignprop rewards list`: each reward, what it loads, and whether its default weights are here."""
-    rows = []
-    for name, cls in _registry().items():
-        weights = []
-        for option, param in _options(cls).items():
-            if option not in _WEIGHT_OPTIONS:
-                continue
-            default = param.default
-            if default in (None, inspect.Parameter.empty):
-                status = "not set (required)" if option in _REQUIRED_FILES else "built in"
-            else:
-                status = f"{default}: {_located(default)}"
-            weights.append(f"{option}={status}")
-        rows.append({"name": name, "needs": cls.needs, "weights": "; ".join(weights) or "none needed"})
-    return rows

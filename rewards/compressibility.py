@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from alignprop.rewards.base import Reward
+from .base import Reward
 
 # ITU-T T.81 Annex K, tables K.1 (luminance) and K.2 (chrominance), in natural (row-major) order.
 LUMA_QTABLE = (

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from alignprop.rewards.base import CLIP_MEAN, CLIP_STD, DTYPE_CHOICES, Reward
+from .base import CLIP_MEAN, CLIP_STD, DTYPE_CHOICES, Reward
 
 NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
                 "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}

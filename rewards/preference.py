@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignprop.rewards.base import (CLIP_MEAN, CLIP_STD, DTYPE_CHOICES, RESIZE_MODES, Reward, clip_preprocess,
+from .base import (CLIP_MEAN, CLIP_STD, DTYPE_CHOICES, RESIZE_MODES, Reward, clip_preprocess,
                                     official_preprocess, read_state_dict)
 
 CLIP_H14_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

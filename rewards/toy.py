@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignprop.platform.toy_world.judge import judge
-from alignprop.platform.toy_world import COLOURS, COUNTS, SHIPPED_DIR, SIZE, prompt_colour, prompt_count
-from alignprop.rewards.base import DTYPE_CHOICES, Reward, read_state_dict
+from ..platform.toy_world.judge import judge
+from ..platform.toy_world import COLOURS, COUNTS, SHIPPED_DIR, SIZE, prompt_colour, prompt_count
+from .base import DTYPE_CHOICES, Reward, read_state_dict
 
 REWARD_DIR = SHIPPED_DIR / "rewards"
 

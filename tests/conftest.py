@@ -36,7 +36,7 @@ def deepspeed_world():
     CUDA is (`pytest -m gpu`), gloo elsewhere."""
     import torch.distributed as dist
 
-    from alignprop.trainers.alignprop import single_process_world
+    from alignprop.trainers.engine import single_process_world
 
     single_process_world(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     yield

@@ -168,7 +168,7 @@ def test_one_alignprop_step_with_the_sd15_sized_unet_through_the_recipe(deepspee
     r = AlignPropRecipe(cfg, WorkerContext(progress=False)).setup()
     assert r.engine.zero_optimization_stage() == 2 and numel(r.denoiser) > PUBLISHED_PARAMS["sd15"]["unet"]
     frozen = {n: p.detach().clone() for n, p in r.denoiser.named_parameters() if "lora_" not in n and "down_blocks.0" in n}
-    lora = {n: p.detach().clone() for n, p in r._lora_parameters()}
+    lora = {n: p.detach().clone() for n, p in r.lora_parameters()}
     m = r.train_step(0)
     assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
     assert m["unet_evals"] == (2 + 1) * 2, "N steps + the checkpointed window call, each with CFG"

@@ -20,9 +20,10 @@ from alignprop.trainers.alignprop import STATE_FILE, AlignPropRecipe, WorkerCont
 from alignprop.trainers.checkpoint import OPTIMIZER_FILE
 from alignprop.trainers.ddpo import PerPromptStatTracker, gaussian_log_prob, ppo_loss
 from alignprop.trainers.families import NaNFreeDDIMScheduler, ddim_mean_std
-from alignprop.trainers.sampling import draft_lv_images, encode_prompts, negative_prompt, sample
+from alignprop.trainers.sampling import SamplerSettings, draft_lv_images, encode_prompts, negative_prompt, sample
 
 CPU = torch.device("cpu")
+SETTINGS = SamplerSettings(6, 5.0, 1.0, 32)  # 6 DDIM steps, CFG 5, η = 1, 32 px
 
 
 def reference_ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample):
@@ -145,7 +146,7 @@ def test_refl_has_a_graph_at_its_stop_step_only_and_decodes_its_x0_estimate():
     pipe, params = lora_pipe()
     cond, neg = encode_prompts(pipe, ["a cat", "a dog"], CPU), negative_prompt(pipe, 2, CPU)
     recorder = Recorder(pipe.unet)
-    out = sample(pipe, recorder, cond, neg, 6, 1, 5.0, 1.0, 32, torch.Generator().manual_seed(0), grad_steps=[4], stop_at=4)
+    out = sample(pipe, recorder, cond, neg, torch.Generator().manual_seed(0), SETTINGS, grad_steps=[4], stop_at=4)
     recorder.recording = False
     assert recorder.calls == [False] * 4 + [True], "no call after the stop step; a graph at it only"
     out.images.mean().backward()
@@ -153,7 +154,7 @@ def test_refl_has_a_graph_at_its_stop_step_only_and_decodes_its_x0_estimate():
     assert all(p.grad is None for n, p in pipe.unet.named_parameters() if "lora_" not in n)
     trajectory = []
     with torch.no_grad():  # the same draws without stopping: x̂0 at step 4 is DDIM's pred_original_sample
-        sample(pipe, pipe.unet, cond, neg, 6, 1, 5.0, 1.0, 32, torch.Generator().manual_seed(0), trajectory=trajectory)
+        sample(pipe, pipe.unet, cond, neg, torch.Generator().manual_seed(0), SETTINGS, trajectory=trajectory)
     t, x, pred, _ = trajectory[4]
     torch.testing.assert_close(out.latents.detach(), pipe.scheduler.step(pred, t, x).pred_original_sample, atol=1e-6, rtol=0)
 
@@ -164,9 +165,9 @@ def test_draft_lv_has_graphs_in_its_renoised_copies_only():
     recorder = Recorder(pipe.unet)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        x0 = sample(pipe, recorder, cond, neg, 6, 1, 5.0, 1.0, 32, generator).latents
+        x0 = sample(pipe, recorder, cond, neg, generator, SETTINGS).latents
     x0.requires_grad_(True)  # DRaFT-LV's stop_grad(x0): no gradient may reach it
-    images = draft_lv_images(pipe, recorder, cond, neg, x0, 3, 5.0, 1.0, 32, generator)
+    images = draft_lv_images(pipe, recorder, cond, neg, x0, 3, generator, SETTINGS)
     recorder.recording = False
     assert images.shape == (6, 3, 32, 32) and recorder.calls == [False] * 6 + [True] * 3
     images.mean().backward()
@@ -178,10 +179,10 @@ def test_draft_lv_has_graphs_in_its_renoised_copies_only():
 @pytest.mark.parametrize("algorithm, evals", [("refl", None), ("draft_lv", 4 * 2 + 2 * (2 + 2))])
 def test_refl_and_draft_lv_train_through_the_recipe(deepspeed_world, algorithm, evals):
     r = recipe([f"trainer.algorithm={algorithm}", "trainer.max_steps=2"])
-    first = {n: p.detach().clone() for n, p in r._lora_parameters()}
+    first = {n: p.detach().clone() for n, p in r.lora_parameters()}
     metrics = [r.train_step(step) for step in range(2)]
     assert metrics[-1]["k"] == 1 and metrics[-1]["images_seen"] == 4 and metrics[-1]["wall_s"] > 0
-    assert any(not torch.equal(p, first[n]) for n, p in r._lora_parameters())
+    assert any(not torch.equal(p, first[n]) for n, p in r.lora_parameters())
     if evals:
         assert metrics[0]["unet_evals"] == 2 * evals  # N × CFG + copies × (CFG + recompute), 2 images
     else:  # ReFL: stop ∈ [3, 3] for N = 4 → (stop + 1) × CFG + recompute
@@ -202,7 +203,7 @@ def test_ddpo_resumes_mid_run_as_the_uninterrupted_run(deepspeed_world, tmp_path
     state = json.loads((saved[1] / STATE_FILE).read_text())
     assert state["ddpo_stats"] and state["images_seen"] == 2
     resumed = recipe(overrides, resume_dir=str(saved[1]), report=keeper("resumed", again))
-    assert resumed.step == 1 and resumed.ddpo_stats.state() == state["ddpo_stats"]
+    assert resumed.step == 1 and resumed.state.ddpo_stats == state["ddpo_stats"]
     resumed.train()
     for name in (LORA_WEIGHTS_NAME, OPTIMIZER_FILE):
         expected, got = load_file(saved[3] / name), load_file(again[3] / name)

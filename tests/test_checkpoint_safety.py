@@ -122,7 +122,7 @@ def full_state(r: AlignPropRecipe) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     out = {}
-    for name, p in r._lora_parameters():
+    for name, p in r.lora_parameters():
         out[f"{name}.weight"] = p.detach().clone()
         master = safe_get_full_fp32_param(p)
         out[f"{name}.weight_fp32"] = (p if master is None else master).detach().clone()
@@ -139,7 +139,7 @@ def test_a_zero2_checkpoint_loads_at_another_stage_with_the_same_state(stage2_ch
     r = recipe([f"deepspeed.zero_stage={stage}", "trainer.ema_decay=0.5"], resume_dir=str(directory))
     assert r.engine.zero_optimization_stage() == stage and r.step == 2 and r.engine.global_steps == 2
     state = full_state(r)
-    for name, _ in r._lora_parameters():
+    for name, _ in r.lora_parameters():
         assert torch.equal(state[f"{name}.weight"], saved[f"{name}.weight_fp32"]), name
         for key in ("weight_fp32", "exp_avg", "exp_avg_sq"):
             assert torch.equal(state[f"{name}.{key}"], saved[f"{name}.{key}"]), (name, key)
@@ -166,7 +166,7 @@ def test_a_checkpoint_saved_before_the_first_step_has_no_adam_state_and_resumes(
     assert json.loads((tmp_path / "ckpt" / ENGINE_STATE_FILE).read_text())["adam_step"] is None
     assert not any(k.endswith("exp_avg") for k in load_file(tmp_path / "ckpt" / OPTIMIZER_FILE))
     resumed = recipe(["deepspeed.zero_stage=2"], resume_dir=str(tmp_path / "ckpt"))
-    for (name, p), (_, q) in zip(r._lora_parameters(), resumed._lora_parameters()):
+    for (name, p), (_, q) in zip(r.lora_parameters(), resumed.lora_parameters()):
         assert torch.equal(p, q), name
     resumed.train_step(0)
     base = base_optimizer(resumed.engine)

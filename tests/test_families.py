@@ -17,8 +17,8 @@ from torch import nn
 from alignprop.platform.config import ConfigError, LoraSection, ModelSection, load_config
 from alignprop.platform.models import add_lora, build_tiny, load_pipeline, save_lora, save_tiny_pipeline
 from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
-from alignprop.trainers.families import denoiser, family_of
-from alignprop.trainers.sampling import encode_prompts, negative_prompt, sample
+from alignprop.trainers.families import denoiser_of, family_of
+from alignprop.trainers.sampling import SamplerSettings, encode_prompts, negative_prompt, sample
 
 FAMILIES = ["sd", "sdxl", "sd3"]
 PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}
@@ -43,7 +43,7 @@ class Recorder(nn.Module):
 
 
 def with_lora(pipe, scale=0.05):
-    model = denoiser(pipe)
+    model = denoiser_of(pipe)
     params = add_lora(model, LoraSection(rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     torch.manual_seed(0)
     for name, p in model.named_parameters():
@@ -54,8 +54,8 @@ def with_lora(pipe, scale=0.05):
 
 def run(pipe, model, family, k, guidance=5.0, eta=None, seed=0, steps=N):
     embeds, negative = encode_prompts(pipe, PROMPTS, CPU), negative_prompt(pipe, len(PROMPTS), CPU)
-    return sample(pipe, model, embeds, negative, steps, k, guidance, ETA[family] if eta is None else eta, 32,
-                  torch.Generator().manual_seed(seed))
+    settings = SamplerSettings(steps, guidance, ETA[family] if eta is None else eta, 32)
+    return sample(pipe, model, embeds, negative, torch.Generator().manual_seed(seed), settings, k=k)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -65,7 +65,7 @@ def test_sampler_reproduces_the_familys_own_pipeline(family):
     pipe = load_pipeline(ModelSection(tiny=True, family=family))
     assert type(pipe) is PIPELINES[family] and family_of(pipe).name == family
     with torch.no_grad():
-        ours = run(pipe, denoiser(pipe), family, k=1, eta=0.0, steps=4).images
+        ours = run(pipe, denoiser_of(pipe), family, k=1, eta=0.0, steps=4).images
         theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
                       generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
@@ -75,7 +75,7 @@ def test_sampler_reproduces_the_familys_own_pipeline(family):
 def test_gradients_reach_only_lora_through_the_last_k_steps(family):
     pipe = load_pipeline(ModelSection(tiny=True, family=family))
     params = with_lora(pipe)
-    recorder = Recorder(denoiser(pipe))
+    recorder = Recorder(denoiser_of(pipe))
     out = run(pipe, recorder, family, k=2)
     recorder.recording = False  # checkpoint recomputation during backward is not a sampling step
     assert recorder.calls == [i >= N - 2 for i in range(N)] and out.grad_steps == [N - 2, N - 1]
@@ -99,7 +99,7 @@ def test_lora_artifact_loads_into_the_familys_pipeline_and_changes_its_output(fa
     base = render(pipe)
     with_lora(pipe, scale=0.2)
     trained = render(pipe)
-    path = save_lora(denoiser(pipe), tmp_path / "lora")
+    path = save_lora(denoiser_of(pipe), tmp_path / "lora")
     fresh = PIPELINES[family].from_pretrained(tmp_path / "base", local_files_only=True)
     fresh.set_progress_bar_config(disable=True)
     fresh.load_lora_weights(str(path.parent))
@@ -152,7 +152,7 @@ def test_sdxl_vae_stays_float32_under_float16_and_sd3_runs_without_t5():
     a, b = encode_prompts(no_t5, PROMPTS, CPU), encode_prompts(with_t5, PROMPTS, CPU)
     assert a.embeds.shape == b.embeds.shape and a.embeds[:, 77:].abs().max() == 0  # zeros in T5's place
     with torch.no_grad():
-        assert run(no_t5, denoiser(no_t5), "sd3", k=1, steps=2).images.shape == (2, 3, 32, 32)
+        assert run(no_t5, denoiser_of(no_t5), "sd3", k=1, steps=2).images.shape == (2, 3, 32, 32)
 
 
 def test_soup_of_sd3_adapters_loads_into_its_pipeline(tmp_path):
@@ -183,7 +183,7 @@ def test_alignprop_sample_uses_the_familys_pipeline_with_and_without_lora(family
 
     pipe = build_tiny(family)
     with_lora(pipe, scale=0.3)
-    save_lora(denoiser(pipe), tmp_path / "lora")
+    save_lora(denoiser_of(pipe), tmp_path / "lora")
     cfg = load_config(PRESETS[family], ["sampling.num_steps=3", "truncation.k=3"])
     base, lora = write_samples(cfg, ["a cat"], str(tmp_path / "out"), str(tmp_path / "lora"))
     pixels = [torch.tensor(list(Image.open(p).getdata()), dtype=torch.float32) for p in (base, lora)]

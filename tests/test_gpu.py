@@ -26,7 +26,7 @@ def recipe(overrides, **ctx):
 
 
 def lora_weights(r) -> torch.Tensor:
-    return torch.cat([p.detach().float().flatten().cpu() for _, p in r._lora_parameters()])
+    return torch.cat([p.detach().float().flatten().cpu() for _, p in r.lora_parameters()])
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -50,7 +50,7 @@ def test_recipe_trains_on_cuda_under_nccl(deepspeed_world, precision):
 def test_autocast_keeps_fp32_lora_and_trains(deepspeed_world):
     r = recipe(["trainer.max_steps=3", "deepspeed.precision=fp32", "perf.autocast=bf16", "model.dtype=bfloat16",
                 "perf.channels_last=true", "sampling.num_steps=4", "truncation.k=2"])
-    assert all(p.dtype == torch.float32 for _, p in r._lora_parameters())
+    assert all(p.dtype == torch.float32 for _, p in r.lora_parameters())
     before = lora_weights(r)
     metrics = [r.train_step(step) for step in range(3)]
     assert all(torch.isfinite(torch.tensor(m["grad_norm"])) and m["grad_norm"] > 0 for m in metrics)
@@ -84,7 +84,7 @@ def test_resume_on_cuda_matches_the_unbroken_run(deepspeed_world, tmp_path):
 def test_checkpoint_policy_gives_the_gradients_of_all_on_cuda(mode):
     from alignprop.platform.config import ModelSection, LoraSection
     from alignprop.platform.models import add_lora, load_pipeline
-    from alignprop.trainers.sampling import CheckpointPlan, encode_prompts, negative_prompt, sample
+    from alignprop.trainers.sampling import SamplerSettings, CheckpointPlan, encode_prompts, negative_prompt, sample
 
     pipe = load_pipeline(ModelSection(tiny=True)).to(CUDA)
     params = add_lora(pipe.unet, LoraSection(rank=4, alpha=4.0))
@@ -94,8 +94,8 @@ def test_checkpoint_policy_gives_the_gradients_of_all_on_cuda(mode):
         for p in params:
             p.grad = None
         embeds, negative = encode_prompts(pipe, ["a cat", "a dog"], CUDA), negative_prompt(pipe, 2, CUDA)
-        out = sample(pipe, pipe.unet, embeds, negative, 6, 4, 5.0, 1.0, 32, torch.Generator().manual_seed(0),
-                     checkpoint_unet=checkpoint_unet)
+        out = sample(pipe, pipe.unet, embeds, negative, torch.Generator().manual_seed(0), SamplerSettings(6, 5.0, 1.0, 32),
+                     k=4, checkpoint_unet=checkpoint_unet)
         out.images.mean().backward()
         return torch.cat([p.grad.flatten() for p in params]), out
 

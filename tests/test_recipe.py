@@ -76,7 +76,7 @@ def test_loss_scale_with_scaled_clipping_gives_the_same_updates(deepspeed_world)
         r = recipe([*base, *overrides])
         seen = []
         base_optimizer(r.engine).register_step_pre_hook(
-            lambda opt, args, kwargs: seen.append(torch.cat([p.grad.detach().flatten().clone() for _, p in r._lora_parameters()])))
+            lambda opt, args, kwargs: seen.append(torch.cat([p.grad.detach().flatten().clone() for _, p in r.lora_parameters()])))
         metrics = r.train_step(0)
         assert len(seen) == 1, "one optimizer step"
         return metrics, seen[0]

@@ -14,7 +14,8 @@ from alignprop.platform.config import ConfigError
 from alignprop.platform.models import build_tiny_tokenizer
 from alignprop.rewards import Aesthetic, build_reward, build_rewards, validate_reward_specs
 from alignprop.rewards.aesthetic import MLP_FILE
-from alignprop.rewards.base import DTYPE_CHOICES, describe_rewards
+from alignprop.rewards import describe_rewards
+from alignprop.rewards.base import DTYPE_CHOICES
 from alignprop.rewards.preference import HPS_FILE
 from test_reward_aesthetic import TINY_TEXT, TINY_VISION, save_mlp
 from test_reward_object_count import save_detector

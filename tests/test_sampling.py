@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alignprop.platform.config import ConfigError, LoraSection, TruncationSection, load_config
 from alignprop.platform.models import add_lora
-from alignprop.trainers.sampling import (CheckpointPlan, decode, draw_cuts, draw_grad_steps, draw_k, encode_prompts,
+from alignprop.trainers.sampling import (CheckpointPlan, SamplerSettings, decode, draw_cuts, draw_grad_steps, draw_k, encode_prompts,
                                          grad_window, sample, saved_bytes, steps_from_cuts)
 
 N = 6
@@ -45,8 +45,8 @@ def run(pipe, unet, k, checkpoint_unet=True, seed=0, grad_steps=None):
     device = torch.device("cpu")
     embeds = encode_prompts(pipe, ["a cat", "a dog"], device)
     negative = encode_prompts(pipe, ["", ""], device)
-    return sample(pipe, unet, embeds, negative, N, k, 5.0, 1.0, 32, torch.Generator().manual_seed(seed),
-                  checkpoint_unet=checkpoint_unet, grad_steps=grad_steps)
+    return sample(pipe, unet, embeds, negative, torch.Generator().manual_seed(seed), SamplerSettings(N, 5.0, 1.0, 32),
+                  k=k, checkpoint_unet=checkpoint_unet, grad_steps=grad_steps)
 
 
 def grads(pipe):

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from alignprop.platform.errors import UnsafeCheckpointError  # one class: the CLI prints it as one line
+from ..platform.errors import UnsafeCheckpointError  # one class: the CLI prints it as one line
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -24,9 +24,14 @@ from collections import deque
 import numpy as np
 import torch
 
-from alignprop.trainers.families import ddim_mean_std
-from alignprop.trainers.alignprop import backward_calls_per_micro_batch
-from alignprop.trainers.sampling import encode_prompts, guidance_text, guided_prediction
+from .families import Conditioning, ddim_mean_std
+from .sampling import encode_prompts, guidance_text, guided_prediction
+
+
+def trained_timesteps(cfg) -> int:
+    """The trained share of each trajectory's steps; DDPO calls backward once per trained timestep
+    (ddpo-pytorch: accumulation × num_train_timesteps), so DeepSpeed accumulates over them."""
+    return max(1, int(cfg.sampling.num_steps * cfg.ddpo.timestep_fraction))
 
 
 def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -70,13 +75,13 @@ class PerPromptStatTracker:
 
 def advantages_for(recipe, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     """Every rank's (prompt, reward) pairs → the same advantages everywhere → this rank's share."""
-    rows = recipe._gather(torch.stack([prompt_ids.double(), rewards.double()], dim=1))
+    rows = recipe.gather(torch.stack([prompt_ids.double(), rewards.double()], dim=1))
     prompts = [recipe.prompts[int(i)] for i in rows[:, 0]]
     d = recipe.cfg.ddpo
-    if d.per_prompt_stats:
-        if recipe.ddpo_stats is None:
-            recipe.ddpo_stats = PerPromptStatTracker(d.stats_buffer, d.stats_min_count)
-        all_adv = recipe.ddpo_stats.update(prompts, rows[:, 1].numpy())
+    if d.per_prompt_stats:  # the buffers live in the recipe's checkpointed state, as JSON
+        tracker = PerPromptStatTracker(d.stats_buffer, d.stats_min_count, recipe.state.ddpo_stats)
+        all_adv = tracker.update(prompts, rows[:, 1].numpy())
+        recipe.state.ddpo_stats = tracker.state()
     else:
         values = rows[:, 1].numpy()
         all_adv = (values - values.mean()) / (values.std() + 1e-8)
@@ -92,11 +97,11 @@ def collect(recipe, step: int) -> dict:
     recipe.engine.eval()
     parts, rows = {"prompt_ids": [], "embeds": [], "pooled": [], "x": [], "x_next": [], "log_probs": []}, []
     for micro in range(cfg.optim.grad_accum):
-        prompts = recipe._pick_prompts(step, micro)
+        prompts = recipe.pick_prompts(step, micro)
         trajectory: list = []
         cond = encode_prompts(recipe.pipe, prompts, ctx.device)
-        out = recipe._sample(prompts, 1, recipe._generator(step, micro, ctx.rank), embeds=cond, trajectory=trajectory)
-        total, components = recipe.rewards(out.images, prompts, gather=recipe._gather)
+        out = recipe.sample(prompts, recipe.generator(step, micro, ctx.rank), embeds=cond, trajectory=trajectory)
+        total, components = recipe.rewards(out.images, prompts, gather=recipe.gather)
         rows.append(torch.stack([total, *components.values()], dim=1).float().cpu())
         timesteps = torch.stack([t for t, *_ in trajectory])
         log_probs = [gaussian_log_prob(x_next, *ddim_mean_std(recipe.pipe.scheduler, pred, t.expand(len(x)), x, s.eta))
@@ -114,14 +119,12 @@ def collect(recipe, step: int) -> dict:
 
 def train_step(recipe, step: int) -> dict[str, float]:
     """One DDPO optimizer step per inner epoch over a freshly sampled batch; metrics over ranks."""
-    from alignprop.trainers.families import Conditioning
-
     cfg, d, s, ctx = recipe.cfg, recipe.cfg.ddpo, recipe.cfg.sampling, recipe.ctx
     start = time.perf_counter()
     batch = collect(recipe, step)
     advantages = advantages_for(recipe, batch["prompt_ids"], batch["rows"][:, 0])
     n_samples, n_steps = batch["x"].shape[:2]
-    n_train = backward_calls_per_micro_batch(cfg)  # the trained share of each trajectory's steps
+    n_train = trained_timesteps(cfg)
     guidance = s.guidance_scale if d.train_cfg else 1.0
     order = random.Random(f"alignprop-ddpo/{cfg.trainer.seed}/{step}/{ctx.rank}")
     recipe.engine.train()
@@ -149,7 +152,7 @@ def train_step(recipe, step: int) -> dict[str, float]:
                     kl.append(float(0.5 * ((log_prob - old) ** 2).mean()))
                     clipfrac.append(float(((ratio - 1.0).abs() > d.clip_range).float().mean()))
                     losses.append(float(loss))
-    values = recipe._gather(batch["rows"])
+    values = recipe.gather(batch["rows"])
     cfg_mult, train_mult = (2 if s.guidance_scale > 1 else 1), (2 if guidance > 1 else 1)
     metrics = recipe.finish_step(values, time.perf_counter() - start, n_samples * ctx.world_size,
                                  n_steps * cfg_mult + d.inner_epochs * n_train * train_mult)

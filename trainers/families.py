@@ -274,7 +274,7 @@ def family_of(pipe):
     return FAMILIES[name]
 
 
-def denoiser(pipe) -> torch.nn.Module:
+def denoiser_of(pipe) -> torch.nn.Module:
     """The trainable network: the UNet (sd, sdxl) or the transformer (sd3)."""
     return getattr(pipe, family_of(pipe).denoiser_name)
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from alignprop.platform.config import PerfSection
+from ..platform.config import PerfSection
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -53,8 +53,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignprop.platform.config import CHECKPOINT_MODES, TruncationSection
-from alignprop.trainers.families import Conditioning, denoiser, family_of, with_guidance
+from ..platform.config import CHECKPOINT_MODES, TruncationSection
+from .families import Conditioning, denoiser_of, family_of, with_guidance
 
 CONTIGUOUS = ("fixed", "uniform", "gaussian")
 # auto: activation bytes of one denoiser call, per denoiser and (input shape, dtype, autocast)
@@ -135,49 +135,63 @@ class SampleOutput:
     kept_bytes: int = 0  # what the kept calls' activations hold (measured under auto)
 
 
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the family's sampler runs (`sampling:` of the config): N steps, CFG scale, DDIM's η, image
+    side, and whether the VAE decode is checkpointed."""
+
+    num_steps: int
+    guidance_scale: float
+    eta: float
+    resolution: int
+    checkpoint_vae: bool = False
+
+    @classmethod
+    def of(cls, sampling) -> "SamplerSettings":
+        return cls(sampling.num_steps, sampling.guidance_scale, sampling.eta, sampling.resolution, sampling.checkpoint_vae)
+
+
 def sample(
     pipe,
-    unet: Callable,
+    denoiser: Callable,
     prompt_embeds: Conditioning,
     negative_embeds: Conditioning,
-    num_steps: int,
-    k: int,
-    guidance_scale: float,
-    eta: float,
-    resolution: int,
     generator: torch.Generator,
-    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = True,
-    checkpoint_vae: bool = False,
+    settings: SamplerSettings,
+    *,
+    k: int = 1,
     grad_steps: Optional[Sequence[int]] = None,
+    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = "all",
     stop_at: Optional[int] = None,
     trajectory: Optional[list] = None,
-    prefix_unet: Optional[Callable] = None,
+    prefix_denoiser: Optional[Callable] = None,
     phases: Optional["PhaseTimer"] = None,
 ) -> SampleOutput:
     """The family's sampler (DDIM for sd/sdxl, flow-matching Euler for sd3) with classifier-free
     guidance; gradients flow through the last `k` steps only, or, given `grad_steps` (e.g.
     `per_step`'s scattered steps), through the denoiser calls of those steps.
 
-    `unet` is the (LoRA-wrapped, possibly DeepSpeed-managed) denoiser (UNet or transformer);
-    `generator` (on CPU) fixes the initial noise and DDIM's eta-noise, so a (seed, step) pair
-    replays exactly. A denoiser call outside the kept steps runs under `no_grad` (= the reference's
+    `denoiser` is the (LoRA-wrapped, possibly DeepSpeed-managed) UNet or transformer; `generator` (on
+    CPU) fixes the initial noise and DDIM's eta-noise, so a (seed, step) pair replays exactly. A
+    denoiser call outside the kept steps runs under `no_grad` (= the reference's
     `noise_pred.detach()`); the CFG combination and the scheduler step keep their graph, which is
     empty until the first kept step (the contiguous prefix therefore builds no graph at all).
 
     `stop_at` (ReFL): at that step, x̂0 is predicted in one step from its denoiser output and decoded;
     the later steps are not run. `trajectory` (DDPO): a list that gets one `(t, x_t, guided
     prediction, x_next)` tuple per step, detached. `checkpoint_unet`: all/True, none/False, auto, or a
-    `CheckpointPlan` (whose counters the caller reads). `prefix_unet`: the denoiser for the calls
+    `CheckpointPlan` (whose counters the caller reads). `prefix_denoiser`: the denoiser for the calls
     that keep no graph (e.g. a `torch.compile`d copy; same weights). `phases`: a `PhaseTimer` that
     gets `prefix` (the no-graph steps before the first kept one), `window` and `decode`.
     """
+    num_steps, guidance_scale, eta, resolution = settings.num_steps, settings.guidance_scale, settings.eta, settings.resolution
     family, scheduler = family_of(pipe), pipe.scheduler
     device, batch = prompt_embeds.embeds.device, prompt_embeds.batch
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (batch, denoiser(pipe).config.in_channels, resolution // scale, resolution // scale)
+    shape = (batch, denoiser_of(pipe).config.in_channels, resolution // scale, resolution // scale)
     latents = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     family.set_timesteps(pipe, num_steps, device, shape)
-    text = guidance_text(unet, prompt_embeds, negative_embeds, guidance_scale)
+    text = guidance_text(denoiser, prompt_embeds, negative_embeds, guidance_scale)
     window = sorted(set(grad_steps)) if grad_steps is not None else list(grad_window(num_steps, k))
     keep = set(window)
     grad_allowed = torch.is_grad_enabled()  # an outer no_grad (evaluation) wins over the window
@@ -188,7 +202,7 @@ def sample(
         with_graph = grad_allowed and i in keep
         if phases is not None and i == first_kept:
             phases.mark("prefix")
-        model = unet if with_graph or prefix_unet is None else prefix_unet
+        model = denoiser if with_graph or prefix_denoiser is None else prefix_denoiser
         with torch.set_grad_enabled(with_graph):
             noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution, plan if with_graph else None)
         with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
@@ -202,54 +216,58 @@ def sample(
                 trajectory.append((t, previous.detach(), noise.detach(), latents.detach()))
     if phases is not None:
         phases.mark("window" if first_kept is not None else "prefix")
-    images = decode(pipe.vae, latents, checkpoint_vae)
+    images = decode(pipe.vae, latents, settings.checkpoint_vae)
     if phases is not None:
         phases.mark("decode")
     return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [],
                         kept=plan.kept, recomputed=plan.recomputed, kept_bytes=plan.kept_bytes)
 
 
-def guidance_text(unet, prompt_embeds: Conditioning, negative_embeds: Conditioning, guidance_scale: float) -> Conditioning:
+def guidance_text(denoiser, prompt_embeds: Conditioning, negative_embeds: Conditioning,
+                  guidance_scale: float) -> Conditioning:
     """The conditioning of one denoiser call: [negative; positive] under guidance, in the denoiser's dtype."""
     text = with_guidance(negative_embeds, prompt_embeds) if guidance_scale > 1 else prompt_embeds
-    return text.to(next(unet.parameters()).dtype)
+    return text.to(next(denoiser.parameters()).dtype)
 
 
-def guided_prediction(pipe, unet, latents: torch.Tensor, t: torch.Tensor, text: Conditioning, guidance_scale: float,
-                      resolution: int, plan: Optional["CheckpointPlan"]) -> torch.Tensor:
+def guided_prediction(pipe, denoiser, latents: torch.Tensor, t: torch.Tensor, text: Conditioning,
+                      guidance_scale: float, resolution: int, plan: Optional["CheckpointPlan"]) -> torch.Tensor:
     """The denoiser's classifier-free-guided prediction at `t` (a scalar, or one per sample), float32;
     a call that keeps a graph goes through `plan` (activation checkpointing or not); None: a plain call."""
     family, guided = family_of(pipe), guidance_scale > 1
     latent_in = torch.cat([latents] * 2) if guided else latents
-    latent_in = family.scale_input(pipe.scheduler, latent_in, t).to(next(unet.parameters()).dtype)
+    latent_in = family.scale_input(pipe.scheduler, latent_in, t).to(next(denoiser.parameters()).dtype)
     t_in = torch.cat([t] * 2) if guided and t.ndim else t
 
     def denoise(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return family.denoise(unet, x, timestep, text, resolution)
+        return family.denoise(denoiser, x, timestep, text, resolution)
 
     key = (tuple(latent_in.shape), latent_in.dtype, torch.is_autocast_enabled(latent_in.device.type))
-    pred = (plan.call(key, unet, denoise, latent_in, t_in) if plan is not None and torch.is_grad_enabled() else denoise(latent_in, t_in)).float()
+    with_plan = plan is not None and torch.is_grad_enabled()
+    pred = (plan.call(key, denoiser, denoise, latent_in, t_in) if with_plan else denoise(latent_in, t_in)).float()
     if guided:
         uncond, cond = pred.chunk(2)
         pred = uncond + guidance_scale * (cond - uncond)
     return pred
 
 
-def draft_lv_images(pipe, unet, prompt_embeds: Conditioning, negative_embeds: Conditioning, x0: torch.Tensor, copies: int,
-                    guidance_scale: float, eta: float, resolution: int, generator: torch.Generator,
-                    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = True, checkpoint_vae: bool = False) -> torch.Tensor:
+def draft_lv_images(pipe, denoiser, prompt_embeds: Conditioning, negative_embeds: Conditioning, x0: torch.Tensor,
+                    copies: int, generator: torch.Generator, settings: SamplerSettings, *,
+                    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = "all") -> torch.Tensor:
     """DRaFT-LV: `copies` times, re-noise the sampled x0 (no gradient into it) to the last step's noise
     level and take that last step again with a graph; returns the copies' images (copies·B×3×H×W)."""
+    guidance_scale, eta, resolution = settings.guidance_scale, settings.eta, settings.resolution
     family, scheduler = family_of(pipe), pipe.scheduler
-    text = guidance_text(unet, prompt_embeds, negative_embeds, guidance_scale)
+    text = guidance_text(denoiser, prompt_embeds, negative_embeds, guidance_scale)
     plan = CheckpointPlan.of(checkpoint_unet)
     t, images = scheduler.timesteps[-1], []
     for _ in range(copies):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x1 = family.renoise(scheduler, x0.detach(), noise, t)
-        pred = guided_prediction(pipe, unet, x1, t, text, guidance_scale, resolution, plan)
+        pred = guided_prediction(pipe, denoiser, x1, t, text, guidance_scale, resolution, plan)
         variance_noise = torch.randn(x0.shape, generator=generator).to(x0.device) if eta > 0 else None
-        images.append(decode(pipe.vae, family.last_step(scheduler, pred, t, x1, eta, variance_noise), checkpoint_vae))
+        latents = family.last_step(scheduler, pred, t, x1, eta, variance_noise)
+        images.append(decode(pipe.vae, latents, settings.checkpoint_vae))
     return torch.cat(images)
 
 

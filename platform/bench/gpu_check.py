@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from alignprop.platform.bench.steps import PHASES, build_recipe, cell_row, denoiser_flops, measure_cell, peak_tflops
-from alignprop.platform.config import load_config
+from .steps import PHASES, build_recipe, cell_row, denoiser_flops, measure_cell, peak_tflops
+from ..config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SD15 = ["model.pretrained=null", "model.tiny=false", "model.arch=sd15", "model.dtype=bfloat16", "deepspeed.precision=bf16",
         "ray.use_gpu=true", "sampling.resolution=512", "sampling.num_steps=50", "rewards=[{name: brightness, weight: 1.0}]",
         "truncation.k=1"]
@@ -149,7 +149,7 @@ def seconds_per_call(call, device: torch.device, iters: int, warmup: int = 3) ->
 def _forward_rows(check: Check, iters=20) -> None:
     """No-grad forward calls (the prefix's work) of the bare UNet and of the LoRA'd one, batch 1 and 4
     (×2 for CFG): where the prefix's time goes (kernel launches vs arithmetic)."""
-    from alignprop.platform.models import load_pipeline
+    from ..models import load_pipeline
 
     recipe = build_recipe(load_config("tiny-cpu", check.base), check.device)
     bare = load_pipeline(recipe.cfg.model, check.device).to(check.device).unet
@@ -169,8 +169,8 @@ def _forward_rows(check: Check, iters=20) -> None:
 
 
 def _unet_mfu(check: Check, batch: int, iters: int, overrides: list[str]) -> None:
-    from alignprop.trainers.families import family_of
-    from alignprop.trainers.sampling import guidance_text, guided_prediction
+    from ...trainers.families import family_of
+    from ...trainers.sampling import guidance_text, guided_prediction
 
     device = check.device
     recipe = build_recipe(load_config("tiny-cpu", check.base + overrides), device)
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         return 2
     if not args.dry_run:
         os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    from alignprop.platform.console import quiet_known_noise
+    from ..console import quiet_known_noise
 
     quiet_known_noise()
     check = Check(Path(args.out), args.budget_s, args.dry_run)

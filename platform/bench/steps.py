@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from alignprop.platform.config import CHECKPOINT_MODES, ConfigError, RunConfig, from_dict, to_dict
+from ..config import CHECKPOINT_MODES, ConfigError, RunConfig, from_dict, to_dict
 
 PHASES = ("prefix", "window", "decode", "reward", "backward", "optimizer")
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s), matched against the device name.
@@ -44,8 +44,9 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 def build_recipe(cfg: RunConfig, device: torch.device):
-    from alignprop.platform.console import is_noise
-    from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext, single_process_world
+    from ...trainers.alignprop import AlignPropRecipe, WorkerContext
+    from ...trainers.engine import single_process_world
+    from ..console import is_noise
 
     cfg = replace(cfg, trainer=replace(cfg.trainer, eval_every=0))
     printed = io.StringIO()
@@ -64,8 +65,8 @@ def denoiser_flops(recipe, batch: int) -> tuple[float, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from alignprop.platform.models import add_lora
-    from alignprop.trainers.families import Conditioning, family_of
+    from ..models import add_lora
+    from ...trainers.families import Conditioning, family_of
 
     cfg, pipe = recipe.cfg, recipe.pipe
     family, s = family_of(pipe), cfg.sampling
@@ -88,15 +89,15 @@ def denoiser_flops(recipe, batch: int) -> tuple[float, float]:
 
 def time_step(recipe, k: int, batch: int, seed: int) -> tuple[dict[str, float], object]:
     """One instrumented AlignProp step (the recipe's, with K fixed): seconds per phase."""
-    from alignprop.trainers.sampling import PhaseTimer, grad_window
+    from ...trainers.sampling import PhaseTimer, grad_window
 
     cfg, device = recipe.cfg, recipe.ctx.device
     prompts = [recipe.prompts[i % len(recipe.prompts)] for i in range(batch)]
     phases = PhaseTimer(device)
     recipe.engine.train()
     with recipe.autocast():
-        out = recipe._sample(prompts, k, torch.Generator().manual_seed(seed),
-                             grad_steps=list(grad_window(cfg.sampling.num_steps, k)), phases=phases)
+        out = recipe.sample(prompts, torch.Generator().manual_seed(seed), k=k,
+                            grad_steps=list(grad_window(cfg.sampling.num_steps, k)), phases=phases)
         total, _ = recipe.rewards(out.images, prompts)
         phases.mark("reward")
     recipe.engine.backward(-total.mean())
@@ -108,7 +109,7 @@ def time_step(recipe, k: int, batch: int, seed: int) -> tuple[dict[str, float], 
 
 def measure_cell(recipe, k: int, batch: int, mode: str, steps: int, flops: tuple[float, float]) -> dict:
     """Warm-up step, then `steps` timed steps of one cell; the row `--json` prints."""
-    from alignprop.trainers.alignprop import peak_memory_mb
+    from ...trainers.engine import peak_memory_mb
 
     cfg, device = recipe.cfg, recipe.ctx.device
     cfg.sampling.checkpoint_unet = mode  # the plan is built per step from the (mutable) config
@@ -139,7 +140,7 @@ def measure_cell(recipe, k: int, batch: int, mode: str, steps: int, flops: tuple
 
 def run_cells(config: dict, cells: Sequence[tuple[int, int, str]], steps: int) -> list[dict]:
     """Cells (k, batch, mode) of one config in this process, sharing one recipe."""
-    from alignprop.platform.console import quiet_known_noise
+    from ..console import quiet_known_noise
 
     quiet_known_noise()
     torch.set_num_threads(int(os.environ.get("ALIGNPROP_BENCH_THREADS", "1")))
@@ -201,7 +202,7 @@ def run_bench(cfg: RunConfig, steps: int = 3, ks: Optional[Sequence[int]] = None
     cells = [(k, b, m) for b in batches for k in ks for m in modes]
     config, cuda = to_dict(cfg), torch.cuda.is_available()
     if not json_lines:
-        from alignprop.platform.models import resolve_family
+        from ..models import resolve_family
 
         family = resolve_family(cfg.model, local_only=False)
         print(f"# {cfg.name} ({family}): N={n}, resolution={cfg.sampling.resolution}, {steps} timed steps per cell, "

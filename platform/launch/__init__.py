@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from alignprop.platform.config import ConfigError, RunConfig, flatten, from_dict, read_prompt_file, run_name, to_dict, to_yaml
-from alignprop.platform.console import close_progress_bars, filter_ray_worker_logs, quiet_known_noise
-from alignprop.platform.tracking import probe_tracking_uri, prompt_sets, resolve_tracking_uri, run_lock, tracked_run
+from ..config import ConfigError, RunConfig, flatten, from_dict, read_prompt_file, run_name, to_dict, to_yaml
+from ..console import close_progress_bars, filter_ray_worker_logs, quiet_known_noise
+from ..tracking import probe_tracking_uri, prompt_sets, resolve_tracking_uri, run_lock, tracked_run
 
 
 @dataclass
@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
+    from ...trainers.alignprop import AlignPropRecipe, WorkerContext
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _quiet_ray_train_reports()
@@ -160,7 +160,7 @@ def init_ray(address: Optional[str]) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        from alignprop.platform.launch.loopback import enter_loopback_mode
+        from .loopback import enter_loopback_mode
 
         enter_loopback_mode()
         # Ray Train's actors query the state API with no address: with another Ray on this machine
@@ -188,7 +188,7 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from alignprop.platform.launch.loopback import LoopbackTorchConfig, on_loopback_node
+    from .loopback import LoopbackTorchConfig, on_loopback_node
 
     return TorchTrainer(
         train_loop_per_worker,
@@ -241,7 +241,7 @@ def check_resume_safety(storage: str, name: str) -> None:
     """Refuse, before anything starts, checkpoints holding files we would not load (pickles)."""
     if "://" in storage:
         return  # remote storage: the worker checks the checkpoint it is given
-    from alignprop.trainers.checkpoint import check_checkpoint_files
+    from ...trainers.checkpoint import check_checkpoint_files
 
     for directory in sorted((Path(storage) / name).glob("checkpoint_*")):
         if directory.is_dir():
@@ -254,7 +254,7 @@ def launch(cfg: RunConfig, register: Optional[str] = None) -> TrainOutcome:
     FINISHED, FAILED, or KILLED (Ctrl-C); a local Ray we started is shut down."""
     import ray
 
-    from alignprop.platform.mlflow_model import check_model_name, log_run_model, register_model
+    from ..mlflow_model import check_model_name, log_run_model, register_model
 
     if register is not None:
         check_model_name(register)

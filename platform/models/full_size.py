@@ -45,8 +45,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop.platform.config import ARCH_NAMES as ARCHES
-from alignprop.platform.models import _bytes_to_unicode, cast_modules
+from .tiny import bytes_to_unicode, cast_modules
+
+ARCH_NAMES = ("sd15", "sd21")  # model.arch: the published architectures built here
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407  # CLIP's real ids of <|startoftext|> and <|endoftext|>
@@ -209,7 +210,7 @@ _PAD_TOKENS = {"sd15": "<|endoftext|>", "sd21": "!"}  # each published tokenizer
 
 def _check(arch: str) -> str:
     if arch not in _CONFIGS:
-        raise ValueError(f"unknown arch {arch!r}; accepted: {', '.join(ARCHES)}")
+        raise ValueError(f"unknown arch {arch!r}; accepted: {', '.join(ARCH_NAMES)}")
     return arch
 
 
@@ -230,7 +231,7 @@ def _clip_vocab_files() -> tuple[str, str]:
     (ids 0-255, in CLIP's order, so "!" is 0 as in CLIP), the same word-final (256-511), filler
     entries no text maps to (no merges: BPE only ever yields byte symbols), then CLIP's special
     tokens at their real ids."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]
     tokens += [f"<|unused{i}|>" for i in range(len(tokens), CLIP_BOS_ID)]
     tokens += ["<|startoftext|>", "<|endoftext|>"]

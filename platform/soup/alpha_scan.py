@@ -37,8 +37,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from alignprop.platform.config import ConfigError, RunConfig
-from alignprop.platform.soup.mix import BASE, MODES, is_base, mix, read_adapters, write_lora
+from ..config import ConfigError, RunConfig
+from .mix import BASE, MODES, is_base, mix, read_adapters, write_lora
 
 SWEEP_ACCEPTED = "start:stop:step with 0 <= start < stop <= 1 and step > 0"
 MAX_ALPHAS = 1001
@@ -89,7 +89,7 @@ def check_sweep_args(sweep: str, loras: Sequence[str], weights: Optional[Sequenc
 def loaded_mix(pipe, state: dict[str, torch.Tensor], meta: dict) -> Iterator[None]:
     """The mixed adapter loaded into `pipe` (as a PEFT adapter, never fused) for the block, then
     unloaded: the LoRA layers are removed and the untouched base layers put back."""
-    from alignprop.platform.console import load_lora_weights
+    from ..console import load_lora_weights
 
     with tempfile.TemporaryDirectory(prefix="alignprop-soup-") as tmp:
         path = write_lora(state, meta, tmp)
@@ -104,15 +104,15 @@ def loaded_mix(pipe, state: dict[str, torch.Tensor], meta: dict) -> Iterator[Non
 def render(pipe, cfg: RunConfig, prompts: Sequence[str], seed: int) -> torch.Tensor:
     """The prompts' images (B×3×H×W in [0, 1]) with the config's sampling settings: the trainer's
     evaluation sampler (DDIM, classifier-free guidance, one batch, a CPU generator seeded `seed`)."""
-    from alignprop.trainers.families import denoiser
-    from alignprop.trainers.sampling import encode_prompts, negative_prompt, sample
+    from ...trainers.families import denoiser_of
+    from ...trainers.sampling import SamplerSettings, encode_prompts, negative_prompt, sample
 
-    s, model = cfg.sampling, denoiser(pipe)
+    model = denoiser_of(pipe)
     device = model.device
     embeds = encode_prompts(pipe, prompts, device)
     negative = negative_prompt(pipe, len(prompts), device)
-    return sample(pipe, model, embeds, negative, s.num_steps, 1, s.guidance_scale, s.eta, s.resolution,
-                  torch.Generator().manual_seed(seed), checkpoint_unet=False).images
+    return sample(pipe, model, embeds, negative, torch.Generator().manual_seed(seed), SamplerSettings.of(cfg.sampling),
+                  checkpoint_unet=False).images
 
 
 def sweep_images(pipe, cfg: RunConfig, adapters, alphas: Sequence[float], mode: str, prompts: Sequence[str],
@@ -139,7 +139,7 @@ class SweepResult:
 
 def reward_models(cfg: RunConfig, device: torch.device):
     """[(label, reward)] for `rewards` then `eval_rewards` (a label in both: the eval one wins)."""
-    from alignprop.rewards.base import build_rewards
+    from ...rewards import build_rewards
 
     named: dict[str, torch.nn.Module] = {}
     for specs in (cfg.rewards, cfg.eval_rewards):
@@ -214,9 +214,9 @@ def run_soup_sweep(cfg: RunConfig, loras: Sequence[str], lora_names: Sequence[st
     from PIL import Image
     from mlflow import MlflowClient
 
-    from alignprop.platform.config import to_yaml
-    from alignprop.platform.models import load_pipeline
-    from alignprop.platform.tracking import image_grid, probe_tracking_uri, tracked_run
+    from ..config import to_yaml
+    from ..models import load_pipeline
+    from ..tracking import image_grid, probe_tracking_uri, tracked_run
 
     adapters = read_adapters(loras)
     mix(adapters, [0.5, 0.5], mode)  # refuses incompatible adapters (params mode: shapes, lora_alpha) now

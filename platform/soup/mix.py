@@ -39,8 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alignprop.platform.config import ConfigError
-from alignprop.platform.models import LORA_WEIGHTS_NAME
+from ..errors import ConfigError
+from ..models import LORA_WEIGHTS_NAME
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps rank/alpha/targets
 LORA_ACCEPTED = (f"a directory holding {LORA_WEIGHTS_NAME}, or that file (safetensors format; "

@@ -31,9 +31,9 @@ from typing import Any, Optional
 import yaml
 from omegaconf.errors import OmegaConfBaseException
 
-from alignprop.platform.config import ConfigError, RunConfig, flatten, from_dict, to_dict, validate
+from ..config import ConfigError, RunConfig, flatten, from_dict, to_dict, validate
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+SPACE_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
 SPACE_TYPES = {
     "uniform": ("lower", "upper"), "loguniform": ("lower", "upper"), "randint": ("lower", "upper"),
     "quniform": ("lower", "upper", "q"), "choice": ("categories",), "grid_search": ("values",),

@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from alignprop.platform.sweeps import sample_efficiency
-from alignprop.platform.sweeps.space import SweepSpec
+from . import sample_efficiency
+from .space import SweepSpec
 
 
 def _rows(results, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
@@ -118,7 +118,7 @@ def _export_best(client, uri: str, parent_id: str, child, best: dict, spec: Swee
     local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=lora, dst_path=str(Path(tmp) / "lora"), tracking_uri=uri)
     client.log_artifacts(parent_id, local, "best_lora")
     if register_as:
-        from alignprop.platform.mlflow_model import log_run_model, register_model, run_model
+        from ..mlflow_model import log_run_model, register_model, run_model
 
         child_id = child.info.run_id
         if run_model(client, child_id) is None:

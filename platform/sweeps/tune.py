@@ -16,12 +16,12 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
-from alignprop.platform.config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
-from alignprop.platform.launch import (build_trainer, check_local_resources, init_ray, ray_address, resolve_storage_path,
+from ..config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
+from ..launch import (build_trainer, check_local_resources, init_ray, ray_address, resolve_storage_path,
                                        resolved_tracking_uri, wait_for_cluster_resources)
-from alignprop.platform.sweeps.space import SweepSpec, apply_params, tune_domain
-from alignprop.platform.console import close_progress_bars
-from alignprop.platform.tracking import probe_tracking_uri, prompt_sets, run_context_tags, run_lock, tracked_run
+from .space import SweepSpec, apply_params, tune_domain
+from ..console import close_progress_bars
+from ..tracking import probe_tracking_uri, prompt_sets, run_context_tags, run_lock, tracked_run
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
 
@@ -31,7 +31,7 @@ def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from alignprop.platform.mlflow_model import log_run_model
+    from ..mlflow_model import log_run_model
 
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_params(from_dict(base), params)
@@ -105,7 +105,7 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
     if not SAFE_NAME.fullmatch(name):
         raise ConfigError(f"--name: got {name!r}; accepted: {SAFE_NAME_TEXT}")
     if register_as is not None:
-        from alignprop.platform.mlflow_model import check_model_name
+        from ..mlflow_model import check_model_name
 
         check_model_name(register_as)
     uri, experiment = resolved_tracking_uri(cfg), cfg.tracking.experiment or cfg.name
@@ -136,7 +136,7 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
     """Build (or restore) the Tuner, run it, summarise into the parent run."""
     from ray import tune
 
-    from alignprop.platform.sweeps.summary import summarize
+    from .summary import summarize
 
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,

@@ -16,8 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from alignprop.platform.config import ConfigError
-from alignprop.platform.toy_world import SHIPPED_DIR, shown_path
+from ..errors import ConfigError
+from .scenes import SHIPPED_DIR, shown_path
 
 # build flags → (type, help); unset flags take BuildOptions' defaults (toy_world_build.py imports torch: not at parse time)
 _BUILD_FLAGS = {
@@ -67,14 +67,14 @@ def run(args: argparse.Namespace) -> None:
     elif args.action == "build":
         if not args.dir:
             raise ConfigError("toy-world build: DIR missing; accepted: alignprop toy-world build DIR [--seed N] [--budget-min M]")
-        from alignprop.platform.toy_world.pretrain import BuildOptions, build
+        from .pretrain import BuildOptions, build
 
         opts = BuildOptions(**{name: getattr(args, name) for name in _BUILD_FLAGS if getattr(args, name) is not None})
         result = build(args.dir, opts, command=" ".join(["alignprop", *map(shlex.quote, sys.argv[1:])]))
         print(result.summary())
         print(result.directory)
     elif args.action == "build-rewards":
-        from alignprop.platform.toy_world.reward_training import train_rewards
+        from .reward_training import train_rewards
 
         directory = Path(args.dir or SHIPPED_DIR)
         if not (directory / "model_index.json").exists():
@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from alignprop.platform.toy_world.judge import evaluate, grid
-    from alignprop.platform.toy_world import HELDOUT_CAPTIONS
-    from alignprop.platform.toy_world.pretrain import load_toy_pipeline, write_build_section
+    from .judge import evaluate, grid
+    from .scenes import HELDOUT_CAPTIONS
+    from .pretrain import load_toy_pipeline, write_build_section
 
     directory = Path(args.dir or SHIPPED_DIR)
     if not (directory / "model_index.json").exists():

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from alignprop.platform.toy_world import COLOURS, parse_caption
+from .scenes import COLOURS, parse_caption
 
 DIST_MIN = 0.3
 CHROMA_MIN = 0.15

@@ -45,10 +45,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignprop.platform.config import ConfigError
-from alignprop.platform.console import loading_bars_off
-from alignprop.platform.toy_world import HELDOUT_CAPTIONS, TRAIN_CAPTIONS, batch, to_tensor
-from alignprop.platform.toy_world.schedule import WARMUP, run_phase
+from ..config import ModelSection
+from ..errors import ConfigError
+from ..models import load_pipeline
+from ..console import loading_bars_off
+from .scenes import HELDOUT_CAPTIONS, TRAIN_CAPTIONS, batch, to_tensor
+from .schedule import WARMUP, run_phase
 
 STATE_DIR = ".state"
 STATE_VERSION = 1
@@ -302,8 +304,8 @@ class _Run:
     """The models, optimizers and record of one build session; `checkpoint()` writes the state."""
 
     def __init__(self, out: Path, opts: BuildOptions):
-        from alignprop.platform.models import build_tiny_pipeline
-        from alignprop.platform.toy_world.text import toy_text_components
+        from ..models import build_tiny_pipeline
+        from .text import toy_text_components
 
         self.out, self.opts, self.state_dir = out, opts, out / STATE_DIR
         record = _read_state(self.state_dir, opts)
@@ -549,7 +551,7 @@ def build(directory: str | Path, opts: BuildOptions, command: str = "") -> Build
     files = _save_pipeline(run)
     quick = None
     if opts.eval_prompts:
-        from alignprop.platform.toy_world.judge import evaluate
+        from .judge import evaluate
 
         pipe = load_toy_pipeline(out)
         quick = evaluate(pipe, [c.text for c in HELDOUT_CAPTIONS[:opts.eval_prompts]], seeds=(0,)).summary()
@@ -562,7 +564,4 @@ def build(directory: str | Path, opts: BuildOptions, command: str = "") -> Build
 
 def load_toy_pipeline(directory: str | Path):
     """A built toy-world directory as a float32 pipeline on the CPU, frozen, progress bars off."""
-    from alignprop.platform.config import ModelSection
-    from alignprop.platform.models import load_pipeline
-
     return load_pipeline(ModelSection(pretrained=str(directory)))

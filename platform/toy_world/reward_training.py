@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from alignprop.platform.toy_world import BACKGROUNDS, COLOURS, SIZE, all_captions, batch, shown_path
-from alignprop.platform.toy_world.pretrain import file_rows, file_table, load_toy_pipeline, write_build_section
-from alignprop.rewards.toy import ToyNet, colour_probs, count_density
+from .scenes import BACKGROUNDS, COLOURS, SIZE, all_captions, batch, shown_path
+from .pretrain import file_rows, file_table, load_toy_pipeline, write_build_section
+from ...rewards.toy import ToyNet, colour_probs, count_density
 
 BLANK_SHARE = 0.05
 BLOB_SIGMA_PX = 2.0  # spread of one object's count mass around its centre

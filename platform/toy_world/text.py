@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from alignprop.platform.models import _tiny_tokenizer_files
-from alignprop.platform.toy_world import BACKGROUNDS, COLOURS, COUNTS, SHAPES
+from ..models.tiny import tiny_tokenizer_files
+from .scenes import BACKGROUNDS, COLOURS, COUNTS, SHAPES
 
 TEXT_SEED = 0
 
@@ -57,7 +57,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
 
 
 def toy_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    vocab = json.loads(Path(_tiny_tokenizer_files()[0]).read_text())
+    vocab = json.loads(Path(tiny_tokenizer_files()[0]).read_text())
     merges = learn_merges(grammar_words())
     for a, b in merges:  # every intermediate symbol gets an id too (tokenizers' BPE requires it)
         vocab.setdefault(a + b, len(vocab))

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from alignprop.platform.errors import RunBusyError
+from ..errors import RunBusyError
 
 RUN_NAME_TAG = "alignprop.run_name"
 HEARTBEAT_TAG = "alignprop.heartbeat"  # unix time, refreshed by the driver while the run is alive
@@ -60,7 +60,7 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
 
 def probe_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, in one line, on a tracking URI that cannot work (before Ray or a run starts)."""
-    from alignprop.platform.config import ConfigError
+    from ..errors import ConfigError
 
     if uri.startswith(("http://", "https://")):
         import urllib.error
@@ -236,8 +236,8 @@ def prompt_sets(cfg) -> list[PromptSet]:
     """The training and held-out prompt sets of a run config, as the driver reads them (files are
     read now; a public set's source is its URL, its text the cached copy). Call after
     `check_paths`, which fetches public sets and makes relative paths absolute."""
-    from alignprop.platform.config import prompt_path, read_prompt_file
-    from alignprop.platform.prompt_files import REMOTE_PROMPT_SETS, cache_dir
+    from ..prompt_files import prompt_path, read_prompt_file
+    from ..prompt_files import REMOTE_PROMPT_SETS, cache_dir
 
     tr, sets = cfg.trainer, []
     for context, key, prompts, file in (("training", "trainer.prompts", tr.prompts, tr.prompt_file),

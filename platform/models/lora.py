@@ -1,0 +1,58 @@
+"""LoRA on the denoiser (the UNet of sd/sdxl, the transformer of sd3): attach a trainable adapter and
+write it in diffusers' format, loadable by the family's `pipe.load_lora_weights(directory)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from ...trainers.families import family_of_denoiser, pipeline_class
+
+if TYPE_CHECKING:
+    from ..config import LoraSection
+
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: torch.nn.Module, lora: "LoraSection") -> list[torch.nn.Parameter]:
+    """Attach a trainable LoRA adapter (fp32) to the frozen denoiser (UNet or transformer); returns
+    its parameters."""
+    unet.add_adapter(LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout, init_lora_weights="gaussian" if lora.init == "gaussian" else True,
+    ))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers' key format, ready for `save_lora_weights` (a UNet's keys converted
+    as diffusers' SD/SDXL LoRA scripts do; a transformer's as peft gives them, as its SD3 script)."""
+    state = get_peft_model_state_dict(unet)
+    if family_of_denoiser(unet).denoiser_name == "unet":
+        state = convert_state_dict_to_diffusers(state)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write `pytorch_lora_weights.safetensors`, loadable by the family's pipeline:
+    `pipe.load_lora_weights(directory)` (StableDiffusion[XL|3]Pipeline)."""
+    family = family_of_denoiser(unet)
+    prefix = family.lora_prefix
+    pipeline_class(family).save_lora_weights(directory, safe_serialization=True, **{
+        f"{prefix}_lora_layers": lora_state_dict(unet),
+        # rank/alpha/targets in the safetensors metadata: without it a loader assumes alpha = rank
+        f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+    })
+    return Path(directory) / LORA_WEIGHTS_NAME
