@@ -23,6 +23,8 @@ from .models import LORA_WEIGHTS_NAME, load_pipeline
 from .console import load_lora_weights
 from ..trainers.families import family_of
 from .soup.mix import lora_weights_file
+from .mlflow_model import lora_in_model, mlflow_uris
+from .tracking import resolve_tracking_uri
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 URI_ACCEPTED = ("runs:/<run_id>/lora/final, runs:/<run_id>/model or models:/<name>/<version> (or models:/<name>@<alias>) "
@@ -46,8 +48,6 @@ def resolve_lora(lora: str, tracking_uri: Optional[str] = None) -> Path:
             raise FileNotFoundError(f"--lora: {path} does not exist; accepted: a directory holding {LORA_WEIGHTS_NAME}, the file itself, "
                                     "an MLflow Model directory, or runs:/<run_id>/lora/final")
     if (path / "MLmodel").is_file():  # an AlignProp run's MLflow Model: the LoRA in its artifacts
-        from .mlflow_model import lora_in_model
-
         path = lora_in_model(path)
     lora_weights_file(path, source=lora)
     return path
@@ -56,9 +56,6 @@ def resolve_lora(lora: str, tracking_uri: Optional[str] = None) -> Path:
 def _download(lora: str, tracking_uri: Optional[str]) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-
-    from .mlflow_model import mlflow_uris
-    from .tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     _check_local_store(uri, lora)

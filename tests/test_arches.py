@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from alignprop.platform.models.full_size import (
-    ARCHES,
+    ARCH_NAMES,
     arch_configs,
     arch_denoiser_config,
     build_arch_pipeline,
@@ -33,7 +33,7 @@ def numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_component_parameter_counts_equal_the_published_checkpoints(arch):
     configs = arch_configs(arch)
     with torch.device("meta"):  # shapes only: no memory, no init time

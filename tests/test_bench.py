@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from alignprop.platform import bench
+from alignprop.platform.bench import steps as bench
 from alignprop.platform.config import ConfigError, load_config
 
 TINY = ["sampling.num_steps=2", "truncation.k=1", "trainer.batch_size=1"]
@@ -53,7 +53,7 @@ def test_bench_grid_is_checked_before_any_cell_starts(monkeypatch, option, value
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_its_table(deepspeed_world, tmp_path):
     """The prepared GPU script's code path, on CPU with the tiny pipeline: every section gives rows."""
-    from alignprop.platform import gpu_check
+    from alignprop.platform.bench import gpu_check
 
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--sections", "grid,unet,fast"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "gpu-check.jsonl").read_text().splitlines()]

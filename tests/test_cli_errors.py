@@ -128,7 +128,7 @@ def test_bench_cli_refuses_zero_steps(tmp_path):
 
 @pytest.mark.parametrize("steps", [0, -3, True, 1.5])
 def test_run_bench_checks_steps_before_starting_anything(steps, monkeypatch):
-    from alignprop.platform import bench
+    from alignprop.platform.bench import steps as bench
 
     monkeypatch.setattr(bench, "_spawned", lambda *a: pytest.fail("a cell started"))
     monkeypatch.setattr(bench, "run_cells", lambda *a: pytest.fail("a cell started"))

@@ -105,7 +105,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_build_resumes_bitwise_after_an_interruption(tmp_path, monkeypatch):
-    from alignprop.platform import toy_world_build as tb
+    from alignprop.platform.toy_world import pretrain as tb
 
     plan = {"options": {**tb.BuildOptions(vae_batch=4, unet_batch=4, dataset_size=16).identity()},
             "vae_plan": {"decay_start": 1, "horizon": 2, "stop": 2, "threads": [[0, 1]]},

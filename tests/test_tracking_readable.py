@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from alignprop.platform.tracking import (
-    EXPERIMENT_KIND_TAG, TILE_PX, TRAINING_KIND, PromptSet, Tracker, _wrap, image_grid, open_run, prompt_sets,
-)
+from alignprop.platform.tracking import PromptSet, Tracker, image_grid, open_run, prompt_sets
+from alignprop.platform.tracking.runs import EXPERIMENT_KIND_TAG, TRAINING_KIND
+from alignprop.platform.tracking.tracker import TILE_PX, _wrap
 from conftest import REPO
 
 

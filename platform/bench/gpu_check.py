@@ -28,6 +28,10 @@ import torch
 
 from .steps import PHASES, build_recipe, cell_row, denoiser_flops, measure_cell, peak_tflops
 from ..config import load_config
+from ...trainers.families import family_of
+from ...trainers.sampling import guidance_text, guided_prediction
+from ..console import quiet_known_noise
+from ..models import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SD15 = ["model.pretrained=null", "model.tiny=false", "model.arch=sd15", "model.dtype=bfloat16", "deepspeed.precision=bf16",
@@ -100,7 +104,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_fast_paths(check: Check, steps=2) -> None:
+def run_perf_switches(check: Check, steps=2) -> None:
     for label, overrides in FAST_PATHS.items():
         if "compile" in label and check.device.type != "cuda":
             continue  # inductor on CPU builds C++ for minutes: not part of the dry run
@@ -149,8 +153,6 @@ def seconds_per_call(call, device: torch.device, iters: int, warmup: int = 3) ->
 def _forward_rows(check: Check, iters=20) -> None:
     """No-grad forward calls (the prefix's work) of the bare UNet and of the LoRA'd one, batch 1 and 4
     (×2 for CFG): where the prefix's time goes (kernel launches vs arithmetic)."""
-    from ..models import load_pipeline
-
     recipe = build_recipe(load_config("tiny-cpu", check.base), check.device)
     bare = load_pipeline(recipe.cfg.model, check.device).to(check.device).unet
     peak = peak_tflops(check.device)
@@ -169,9 +171,6 @@ def _forward_rows(check: Check, iters=20) -> None:
 
 
 def _unet_mfu(check: Check, batch: int, iters: int, overrides: list[str]) -> None:
-    from ...trainers.families import family_of
-    from ...trainers.sampling import guidance_text, guided_prediction
-
     device = check.device
     recipe = build_recipe(load_config("tiny-cpu", check.base + overrides), device)
     fwd, bwd = denoiser_flops(recipe, batch)
@@ -229,14 +228,12 @@ def main(argv=None) -> int:
         return 2
     if not args.dry_run:
         os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    from ..console import quiet_known_noise
-
     quiet_known_noise()
     check = Check(Path(args.out), args.budget_s, args.dry_run)
     owns_world = not torch.distributed.is_initialized()  # a caller's world (tests) stays up
     sections = set(args.sections.split(",")) - ({"tests"} if args.skip_tests else set())
     steps = [("tests", lambda: run_tests(check, timeout=max(60.0, min(240.0, check.left() - 200)))),
-             ("grid", lambda: run_grid(check)), ("unet", lambda: run_unet_mfu(check)), ("fast", lambda: run_fast_paths(check))]
+             ("grid", lambda: run_grid(check)), ("unet", lambda: run_unet_mfu(check)), ("fast", lambda: run_perf_switches(check))]
     for name, run in steps:
         if name not in sections:
             continue

@@ -29,6 +29,12 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import CHECKPOINT_MODES, ConfigError, RunConfig, from_dict, to_dict
+from ...trainers.alignprop import AlignPropRecipe, WorkerContext
+from ...trainers.engine import peak_memory_mb, single_process_world
+from ...trainers.families import Conditioning, family_of
+from ...trainers.sampling import PhaseTimer, grad_window
+from ..console import is_noise, quiet_known_noise
+from ..models import add_lora, resolve_family
 
 PHASES = ("prefix", "window", "decode", "reward", "backward", "optimizer")
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s), matched against the device name.
@@ -44,10 +50,6 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 
 def build_recipe(cfg: RunConfig, device: torch.device):
-    from ...trainers.alignprop import AlignPropRecipe, WorkerContext
-    from ...trainers.engine import single_process_world
-    from ..console import is_noise
-
     cfg = replace(cfg, trainer=replace(cfg.trainer, eval_every=0))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # DeepSpeed print()s "op built successfully" at every start
@@ -64,9 +66,6 @@ def denoiser_flops(recipe, batch: int) -> tuple[float, float]:
     meta-device copy with LoRA (math attention, so every device counts the same matmuls)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-
-    from ..models import add_lora
-    from ...trainers.families import Conditioning, family_of
 
     cfg, pipe = recipe.cfg, recipe.pipe
     family, s = family_of(pipe), cfg.sampling
@@ -89,8 +88,6 @@ def denoiser_flops(recipe, batch: int) -> tuple[float, float]:
 
 def time_step(recipe, k: int, batch: int, seed: int) -> tuple[dict[str, float], object]:
     """One instrumented AlignProp step (the recipe's, with K fixed): seconds per phase."""
-    from ...trainers.sampling import PhaseTimer, grad_window
-
     cfg, device = recipe.cfg, recipe.ctx.device
     prompts = [recipe.prompts[i % len(recipe.prompts)] for i in range(batch)]
     phases = PhaseTimer(device)
@@ -109,8 +106,6 @@ def time_step(recipe, k: int, batch: int, seed: int) -> tuple[dict[str, float], 
 
 def measure_cell(recipe, k: int, batch: int, mode: str, steps: int, flops: tuple[float, float]) -> dict:
     """Warm-up step, then `steps` timed steps of one cell; the row `--json` prints."""
-    from ...trainers.engine import peak_memory_mb
-
     cfg, device = recipe.cfg, recipe.ctx.device
     cfg.sampling.checkpoint_unet = mode  # the plan is built per step from the (mutable) config
     if device.type == "cuda":
@@ -140,8 +135,6 @@ def measure_cell(recipe, k: int, batch: int, mode: str, steps: int, flops: tuple
 
 def run_cells(config: dict, cells: Sequence[tuple[int, int, str]], steps: int) -> list[dict]:
     """Cells (k, batch, mode) of one config in this process, sharing one recipe."""
-    from ..console import quiet_known_noise
-
     quiet_known_noise()
     torch.set_num_threads(int(os.environ.get("ALIGNPROP_BENCH_THREADS", "1")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,8 +195,6 @@ def run_bench(cfg: RunConfig, steps: int = 3, ks: Optional[Sequence[int]] = None
     cells = [(k, b, m) for b in batches for k in ks for m in modes]
     config, cuda = to_dict(cfg), torch.cuda.is_available()
     if not json_lines:
-        from ..models import resolve_family
-
         family = resolve_family(cfg.model, local_only=False)
         print(f"# {cfg.name} ({family}): N={n}, resolution={cfg.sampling.resolution}, {steps} timed steps per cell, "
               f"{'CUDA' if cuda else 'CPU'}; phases in s/step")

@@ -17,7 +17,8 @@ from ..errors import ConfigError
 from ..prompt_files import PROMPT_DIR, prompt_path, read_prompt_file
 from .checks import check_paths
 from ..models.full_size import ARCH_NAMES
-from .load import PRESET_DIR, list_presets, load_config, resolve_preset, run_name
+from ..presets import PRESET_DIR, list_presets, resolve_preset
+from .load import load_config, run_name
 from .schema import (ALGORITHMS, CHECKPOINT_MODES, COMPILE_MODES, DTYPE_NAMES, FAMILY_CHOICES, SAFE_NAME,
                      SAFE_NAME_TEXT, TRACKING_SCHEMES, DDPOSection, DeepSpeedSection, DraftLVSection, LoraSection,
                      ModelSection, OptimSection, PerfSection, RaySection, ReFLSection, RunConfig, SamplingSection,

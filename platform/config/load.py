@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import fields
-from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -23,27 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
+from ..presets import resolve_preset
 from .checks import check_paths
-from .schema import SAFE_NAME, RunConfig, flatten, to_dict
+from .schema import RunConfig, flatten, to_dict
 from .validate import validate
 
-PRESET_DIR = Path(__file__).parent.parent / "configs"  # platform/configs
 
-
-def resolve_preset(name_or_path: str) -> Path:
-    """`tiny-cpu` → platform/configs/tiny-cpu.yaml; a path (has a / or a .yaml suffix) is taken as given."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {str(path)!r}; accepted: a preset ({', '.join(list_presets())}) or a YAML path")
-        return path
-    if not SAFE_NAME.fullmatch(name_or_path) or not (PRESET_DIR / f"{name_or_path}.yaml").is_file():
-        raise ConfigError(f"--config: unknown preset {name_or_path!r}; accepted: {', '.join(list_presets())} or a YAML path")
-    return PRESET_DIR / f"{name_or_path}.yaml"
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = (), paths: bool = True) -> RunConfig:

@@ -22,6 +22,8 @@ from ..console import loading_bars_off
 from ..errors import ConfigError
 from ..toy_world.scenes import SHIPPED_DIR
 from .tiny import TINY_SEED, build_tiny, cast_modules, tiny_unet
+from .full_size import arch_denoiser_config, build_arch_pipeline
+from .tiny_families import tiny_sd3_transformer, tiny_sdxl_unet
 
 if TYPE_CHECKING:  # the config's model section; models sit below config in the import layers
     from ..config import ModelSection
@@ -81,8 +83,6 @@ def load_pipeline(model: "ModelSection", device: torch.device | str | None = Non
         pipe = build_tiny(family.name, t5=model.t5)
         cast_modules(pipe.components.values(), dtype)
     elif model.arch:
-        from .full_size import build_arch_pipeline
-
         with torch.device(device or "cpu"):
             pipe = build_arch_pipeline(model.arch, seed=TINY_SEED, dtype=dtype)
     else:
@@ -112,8 +112,6 @@ def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revis
     alone; None for a hub id whose config is not in the local cache (the worker then checks)."""
     from diffusers import SD3Transformer2DModel
 
-    from .tiny_families import tiny_sd3_transformer, tiny_sdxl_unet
-
     sub = get_family(family).denoiser_name
     cls = SD3Transformer2DModel if sub == "transformer" else UNet2DConditionModel
     pretrained = model_path(pretrained) if pretrained else pretrained
@@ -122,8 +120,6 @@ def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revis
         if tiny:
             config = None
         elif arch:
-            from .full_size import arch_denoiser_config
-
             config = arch_denoiser_config(arch)
         elif path.is_dir():
             config = cls.load_config(str(path / sub))

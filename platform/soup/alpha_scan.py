@@ -37,8 +37,14 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, to_yaml
 from .mix import BASE, MODES, is_base, mix, read_adapters, write_lora
+from ...rewards import build_rewards
+from ...trainers.families import denoiser_of
+from ...trainers.sampling import SamplerSettings, encode_prompts, negative_prompt, sample
+from ..console import load_lora_weights
+from ..models import load_pipeline
+from ..tracking import image_grid, probe_tracking_uri, tracked_run
 
 SWEEP_ACCEPTED = "start:stop:step with 0 <= start < stop <= 1 and step > 0"
 MAX_ALPHAS = 1001
@@ -89,8 +95,6 @@ def check_sweep_args(sweep: str, loras: Sequence[str], weights: Optional[Sequenc
 def loaded_mix(pipe, state: dict[str, torch.Tensor], meta: dict) -> Iterator[None]:
     """The mixed adapter loaded into `pipe` (as a PEFT adapter, never fused) for the block, then
     unloaded: the LoRA layers are removed and the untouched base layers put back."""
-    from ..console import load_lora_weights
-
     with tempfile.TemporaryDirectory(prefix="alignprop-soup-") as tmp:
         path = write_lora(state, meta, tmp)
         load_lora_weights(pipe, tmp, path.name, adapter_name=ADAPTER_NAME)  # quiet: no text-encoder keys, expected
@@ -104,9 +108,6 @@ def loaded_mix(pipe, state: dict[str, torch.Tensor], meta: dict) -> Iterator[Non
 def render(pipe, cfg: RunConfig, prompts: Sequence[str], seed: int) -> torch.Tensor:
     """The prompts' images (B×3×H×W in [0, 1]) with the config's sampling settings: the trainer's
     evaluation sampler (DDIM, classifier-free guidance, one batch, a CPU generator seeded `seed`)."""
-    from ...trainers.families import denoiser_of
-    from ...trainers.sampling import SamplerSettings, encode_prompts, negative_prompt, sample
-
     model = denoiser_of(pipe)
     device = model.device
     embeds = encode_prompts(pipe, prompts, device)
@@ -139,8 +140,6 @@ class SweepResult:
 
 def reward_models(cfg: RunConfig, device: torch.device):
     """[(label, reward)] for `rewards` then `eval_rewards` (a label in both: the eval one wins)."""
-    from ...rewards import build_rewards
-
     named: dict[str, torch.nn.Module] = {}
     for specs in (cfg.rewards, cfg.eval_rewards):
         if specs:
@@ -213,10 +212,6 @@ def run_soup_sweep(cfg: RunConfig, loras: Sequence[str], lora_names: Sequence[st
     loading the pipeline; logs to a new MLflow run in `experiment` at the absolute `tracking_uri`."""
     from PIL import Image
     from mlflow import MlflowClient
-
-    from ..config import to_yaml
-    from ..models import load_pipeline
-    from ..tracking import image_grid, probe_tracking_uri, tracked_run
 
     adapters = read_adapters(loras)
     mix(adapters, [0.5, 0.5], mode)  # refuses incompatible adapters (params mode: shapes, lora_alpha) now

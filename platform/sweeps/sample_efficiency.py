@@ -1,7 +1,7 @@
 """The sample-efficiency summary of a sweep that grids over `trainer.algorithm` (and seeds): held-out
 reward against images sampled and against training seconds, one line per method (mean ± std over
 seeds), and the table "images (and seconds) each method needs to reach the baseline's final
-held-out reward". Written to the sweep's MLflow parent run by `sweep_summary.summarize`.
+held-out reward". Written to the sweep's MLflow parent run by `summary.summarize`.
 
     alignprop tune --config toy-count sampling.eta=1.0 --space paper_sample_efficiency
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from . import sample_efficiency
 from .space import SweepSpec
+from ..mlflow_model import log_run_model, register_model, run_model
 
 
 def _rows(results, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
@@ -95,6 +96,16 @@ def summarize(results, spec: SweepSpec, max_steps: int, uri: str, parent_id: str
     return {"rows": rows, "best": best, "parent_run_id": parent_id, "concurrency": concurrency, "sample_efficiency": efficiency}
 
 
+def close_child_runs(uri: str, parent_id: str, status: str) -> None:
+    """End the sweep's child runs still marked RUNNING (their trials die with an interrupted sweep)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for run in _child_runs(client, parent_id).values():
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+
+
 def _child_runs(client, parent_id: str) -> dict[str, Any]:
     parent = client.get_run(parent_id)
     runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -118,8 +129,6 @@ def _export_best(client, uri: str, parent_id: str, child, best: dict, spec: Swee
     local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=lora, dst_path=str(Path(tmp) / "lora"), tracking_uri=uri)
     client.log_artifacts(parent_id, local, "best_lora")
     if register_as:
-        from ..mlflow_model import log_run_model, register_model, run_model
-
         child_id = child.info.run_id
         if run_model(client, child_id) is None:
             final = any(a.path == "lora/final" for a in client.list_artifacts(child_id, "lora"))

@@ -17,11 +17,11 @@ from typing import Any, Optional
 from ray.tune import Callback
 
 from ..config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
-from ..launch import (build_trainer, check_local_resources, init_ray, ray_address, resolve_storage_path,
-                                       resolved_tracking_uri, wait_for_cluster_resources)
+from ..launch import build_trainer, driver_session, fit_interruptibly, resolve_storage_path, resolved_tracking_uri
+from ..mlflow_model import check_model_name, log_run_model
+from ..tracking import prompt_sets, run_context_tags, tracked_run
 from .space import SweepSpec, apply_params, tune_domain
-from ..console import close_progress_bars
-from ..tracking import probe_tracking_uri, prompt_sets, run_context_tags, run_lock, tracked_run
+from .summary import close_child_runs, summarize
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
 
@@ -30,8 +30,6 @@ def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
     """One Tune trial: the sampled params onto the base config → a TorchTrainer reporting to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ..mlflow_model import log_run_model
 
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_params(from_dict(base), params)
@@ -99,44 +97,31 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
     Failures nest: `ray.max_failures` restarts a trial's Train workers from its last checkpoint;
     `trial_retries` reruns a trial that still failed, and its TorchTrainer (same run name)
     resumes from that checkpoint too. A trial that fails for good does not stop the sweep."""
-    import ray
-
     name = sweep_name or f"{cfg.name}-{spec.name}"
     if not SAFE_NAME.fullmatch(name):
         raise ConfigError(f"--name: got {name!r}; accepted: {SAFE_NAME_TEXT}")
     if register_as is not None:
-        from ..mlflow_model import check_model_name
-
         check_model_name(register_as)
     uri, experiment = resolved_tracking_uri(cfg), cfg.tracking.experiment or cfg.name
     storage = resolve_storage_path(cfg.ray.storage_path)
-    address = ray_address(cfg)
-    if address is None and not ray.is_initialized():
-        check_local_resources(cfg)  # one trial must fit
-    probe_tracking_uri(uri)
     parent_params = {"sweep.space": json.dumps(spec.space), "sweep.metric": spec.metric, "sweep.mode": spec.mode,
                      "sweep.scheduler": spec.scheduler, "sweep.search": spec.search, "sweep.num_samples": num_samples,
                      **flatten(to_dict(cfg))}
-    started = False
-    try:
-        with run_lock(storage, name):
-            started = init_ray(address)
-            wait_for_cluster_resources(cfg)
-            with tracked_run(uri, experiment, name, parent_params, to_yaml(cfg), {"alignprop.sweep": name, "alignprop.role": "sweep"}) as parent_id:
-                print(f"[tune] sweep {name}  mlflow {uri} parent run {parent_id}", file=sys.stderr)
-                summary = _fit(cfg, spec, num_samples, max_concurrent, name, register_as, trial_retries, uri, experiment, storage, parent_id)
-    finally:
-        if started:
-            ray.shutdown()
-    return summary
+    tags = {"alignprop.sweep": name, "alignprop.role": "sweep"}
+    with driver_session(cfg, name, storage, uri, experiment, parent_params, to_yaml(cfg), tags) as parent_id:
+        print(f"[tune] sweep {name}  mlflow {uri} parent run {parent_id}", file=sys.stderr)
+        try:
+            return _fit(cfg, spec, num_samples, max_concurrent, name, register_as, trial_retries, uri, experiment,
+                        storage, parent_id)
+        except KeyboardInterrupt:
+            close_child_runs(uri, parent_id, "KILLED")  # the trials die with this process
+            raise
 
 
 def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Optional[int], name: str,
          register_as: Optional[str], trial_retries: int, uri: str, experiment: str, storage: str, parent_id: str) -> dict[str, Any]:
     """Build (or restore) the Tuner, run it, summarise into the parent run."""
     from ray import tune
-
-    from .summary import summarize
 
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,
@@ -160,6 +145,5 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
                                       failure_config=tune.FailureConfig(max_failures=trial_retries),
                                       callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
         )
-    results = tuner.fit()
-    close_progress_bars()
+    results = fit_interruptibly(tuner)  # Ctrl-C reaches the main thread at once, as for alignprop train
     return summarize(results, spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)

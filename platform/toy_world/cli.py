@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .scenes import SHIPPED_DIR, shown_path
 
-# build flags → (type, help); unset flags take BuildOptions' defaults (toy_world_build.py imports torch: not at parse time)
+# build flags → (type, help); unset flags take BuildOptions' defaults (pretrain.py imports torch: not at parse time)
 _BUILD_FLAGS = {
     "seed": (int, "data and noise seed (default 0)"),
     "budget_min": (float, "wall-clock budget in minutes for both phases (default 19)"),

@@ -4,7 +4,7 @@
     alignprop toy-world build DIR2 --replay DIR/build.json          # repeat a build step for step
 
 Two phases on `platform/models/__init__.py`'s stock tiny UNet and VAE, with the stock frozen text encoder
-plus one token per grammar word (`toy_world_text.py`):
+plus one token per grammar word (`text.py`):
 1. VAE: reconstruction (MSE + KL_WEIGHT·KL) on freshly drawn toy images for `vae_share` of the
    budget. Then the latent scale (1 / std of the posterior means).
 2. UNet: v-prediction with DDPM noise on SD's betas rescaled to zero terminal SNR
@@ -13,7 +13,7 @@ plus one token per grammar word (`toy_world_text.py`):
    10 % captions dropped to "" for classifier-free guidance, cached text embeddings, until the
    budget is used; an EMA of the weights is what ships.
 How each phase spends its time (learning-rate schedule, 1 or 2 threads, when to stop) is in
-`toy_world_schedule.py`.
+`schedule.py`.
 
 Every step draws its data and noise from generators seeded by (seed, phase, step), so a build is
 a deterministic function of its options and its plan (where each phase's learning-rate decay
@@ -47,10 +47,12 @@ from tqdm.auto import tqdm
 
 from ..config import ModelSection
 from ..errors import ConfigError
-from ..models import load_pipeline
+from ..models import build_tiny_pipeline, load_pipeline
 from ..console import loading_bars_off
 from .scenes import HELDOUT_CAPTIONS, TRAIN_CAPTIONS, batch, to_tensor
 from .schedule import WARMUP, run_phase
+from .judge import evaluate
+from .text import toy_text_components
 
 STATE_DIR = ".state"
 STATE_VERSION = 1
@@ -304,9 +306,6 @@ class _Run:
     """The models, optimizers and record of one build session; `checkpoint()` writes the state."""
 
     def __init__(self, out: Path, opts: BuildOptions):
-        from ..models import build_tiny_pipeline
-        from .text import toy_text_components
-
         self.out, self.opts, self.state_dir = out, opts, out / STATE_DIR
         record = _read_state(self.state_dir, opts)
         self.record = record or _fresh_record(opts)
@@ -551,8 +550,6 @@ def build(directory: str | Path, opts: BuildOptions, command: str = "") -> Build
     files = _save_pipeline(run)
     quick = None
     if opts.eval_prompts:
-        from .judge import evaluate
-
         pipe = load_toy_pipeline(out)
         quick = evaluate(pipe, [c.text for c in HELDOUT_CAPTIONS[:opts.eval_prompts]], seeds=(0,)).summary()
     result = BuildResult(out, run.record, files, quick)

@@ -10,12 +10,12 @@ by one grammar, with the ground truth of every image.
 Grammar: `{count} {colour} {shape}[s] on a {background} background` with count one–four, colours
 red, yellow, green, cyan, blue, purple (hues ~55° apart), shapes circle, square, triangle, and
 neutral backgrounds white, black, gray (so an object pixel is a pixel with chroma: see
-`toy_judge`). The 216 captions are split once, by a fixed rule, into 120 for pretraining
+`judge.py`). The 216 captions are split once, by a fixed rule, into 120 for pretraining
 (`TRAIN_CAPTIONS`) and 96 held out (`HELDOUT_CAPTIONS`) that the pipeline never sees; every pair of
 attribute values (e.g. "two … circles", "purple … on a black") still occurs in the training half.
 
 `alignprop toy-world build DIR` pretrains the tiny SD-shaped pipeline on this world
-(`toy_world_build.py`); `alignprop toy-world path` prints the shipped one.
+(`pretrain.py`); `alignprop toy-world path` prints the shipped one.
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""The driver's session, the one skeleton of `alignprop train` and `alignprop tune`:
+
+    with driver_session(cfg, name, storage, uri, experiment, params, config_yaml) as run_id:
+        ...  # fit, log, summarise
+
+preflight (the Ray address probed, local resources checked, the tracking URI probed) → the run's
+lock in `<storage>/<name>/.alignprop.lock` → Ray up (a local Ray of our own, or the cluster) → the
+MLflow run open with its heartbeat. Closing runs in reverse: the run ends FINISHED, FAILED (an
+error) or KILLED (Ctrl-C), the lock is released, and a local Ray we started is shut down — except
+on Ctrl-C, where the caller exits the process at once and the local Ray's daemons (started with
+kill-on-parent-death) and a cluster's Train controller (whose owner, this driver, is gone) end with
+it: shutting Ray down under the fit thread, still in `ray.get`, makes Ray's core worker end the
+process with exit 1 instead.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..config import RunConfig
+from ..tracking import PromptSet, probe_tracking_uri, resolve_tracking_uri, run_lock, tracked_run
+from .ray_cluster import check_local_resources, init_ray, ray_address, wait_for_cluster_resources
+
+
+def resolve_storage_path(storage_path: Optional[str]) -> str:
+    """None → ~/ray_results; local paths absolute (the driver's view); URIs (s3://, gs://) as given."""
+    if storage_path and "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path or "~/ray_results").expanduser().resolve())
+
+
+def resolved_tracking_uri(cfg: RunConfig) -> str:
+    return resolve_tracking_uri(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+@contextmanager
+def driver_session(cfg: RunConfig, name: str, storage: str, uri: str, experiment: str, params: dict[str, Any],
+                   config_yaml: str, tags: Optional[dict[str, str]] = None, datasets: Sequence[PromptSet] = ()):
+    """Preflight, lock, Ray, MLflow run (see the module docstring); yields the MLflow run id."""
+    import ray
+
+    address = ray_address(cfg)
+    if address is None and not ray.is_initialized():
+        check_local_resources(cfg)  # one run (one sweep trial) must fit this machine
+    probe_tracking_uri(uri)
+    started = False
+    try:
+        with run_lock(storage, name):
+            started = init_ray(address)
+            wait_for_cluster_resources(cfg)
+            with tracked_run(uri, experiment, name, params, config_yaml, tags, datasets=datasets) as run_id:
+                yield run_id
+    except KeyboardInterrupt:
+        started = False  # the process exit ends Ray (module docstring)
+        raise
+    finally:
+        if started:
+            ray.shutdown()

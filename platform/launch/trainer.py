@@ -1,0 +1,112 @@
+"""The Ray Train side of a run: the TorchTrainer every `alignprop train` and every sweep trial builds,
+the per-worker entry that runs the recipe, and `fit()` in a thread that Ctrl-C can interrupt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from contextlib import nullcontext
+from typing import Any, Optional, Sequence
+
+from ..config import RunConfig, from_dict, read_prompt_file, run_name, to_dict
+from ..console import close_progress_bars, quiet_known_noise
+from .loopback import LoopbackTorchConfig, on_loopback_node
+from .session import resolve_storage_path
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry: build the recipe, resume from Ray's checkpoint, train."""
+    quiet_known_noise()  # before DeepSpeed and diffusers are imported below
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ...trainers.alignprop import AlignPropRecipe, WorkerContext
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    _quiet_ray_train_reports()
+    cfg, context = from_dict(config["run"]), ray.train.get_context()
+    if config.get("prompts"):  # read on the driver: workers run elsewhere (other cwd, other nodes)
+        cfg.trainer.prompts, cfg.trainer.prompt_file = list(config["prompts"]), None
+    if config.get("eval_prompts"):
+        cfg.trainer.eval_prompts, cfg.trainer.eval_prompt_file = list(config["eval_prompts"]), None
+
+    def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+        recipe = AlignPropRecipe(cfg, WorkerContext(
+            rank=context.get_world_rank(), world_size=context.get_world_size(),
+            device=ray.train.torch.get_device(), report=report, resume_dir=resume_dir,
+            tracking_uri=config["tracking_uri"], run_id=config["run_id"], progress_lines=config.get("progress_lines", False),
+        )).setup()
+    recipe.train()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every report of every rank at INFO (the whole metrics dict, per step);
+    our rank-0 progress bar and MLflow already carry them."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that internal module: keep its logging
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Sequence[Any] = (),
+                  storage_path: Optional[str] = None):
+    """The TorchTrainer of one run; the same for `alignprop train` and every sweep trial."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "progress_lines": not sys.stderr.isatty(),  # where the driver prints what rank 0 does
+                           "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None,
+                           "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
+                                            if cfg.trainer.eval_prompt_file else None)},
+        # On our loopback Ray the c10d rendezvous listens on 127.0.0.1 too (platform/launch/loopback.py).
+        torch_config=(LoopbackTorchConfig if on_loopback_node() else TorchConfig)(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=dict(cfg.ray.resources_per_worker) or None,
+        ),
+        run_config=RayRunConfig(
+            name=run_name(cfg), storage_path=storage_path or resolve_storage_path(cfg.ray.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()` in a helper thread, so Ctrl-C reaches this (main) thread at once.
+
+    Ray Train's fit() in the main thread installs its own SIGINT handler, which waits for the
+    controller to abort (forever if the workers never started) and then exits the process with
+    `sys.exit`, past our handlers. Off the main thread it installs none; the caller turns the
+    KeyboardInterrupt into a KILLED run and exits, which ends the controller and workers."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="alignprop-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    close_progress_bars()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
