@@ -60,7 +60,8 @@ def _add_train(sub) -> None:
     _config_args(train)
     _cluster_args(train)
     train.add_argument("--run-name", help="run name (default: <config>-<hash>; same name = resume)")
-    train.add_argument("--register", help="register the run's MLflow Model (runs:/<id>/model) under this name, alias 'best'")
+    train.add_argument("--register",
+                       help="register the run's MLflow Model (runs:/<id>/model) under this name, alias 'best'")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -80,7 +81,8 @@ def _add_tune(sub) -> None:
     sweep.add_argument("--name", help="sweep name (default: <config>-<space>; same name = resume)")
     sweep.add_argument("--trial-retries", type=int, default=0,
                        help="rerun a failed trial this often (it resumes from its checkpoint)")
-    sweep.add_argument("--register", help="register the best LoRA in the MLflow model registry under this name (alias 'best')")
+    sweep.add_argument("--register",
+                       help="register the best LoRA in the MLflow model registry under this name (alias 'best')")
     _cluster_args(sweep)
 
 
@@ -116,7 +118,8 @@ def _sample(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------ soup
 def _add_soup(sub) -> None:
-    soup = sub.add_parser("soup", help="mix trained LoRA adapters into one (exact low-rank sum, or the paper's parameter "
+    soup = sub.add_parser("soup", help="mix trained LoRA adapters into one (exact low-rank sum, or the paper's "
+                                       "parameter "
                                        "interpolation); --sweep: score the mix over a grid of α, logged to MLflow")
     soup.add_argument("--lora", action="append", required=True,
                       help="LoRA dir/file, runs:/ URI, or 'base' (the zero adapter: the base model); repeat")
@@ -133,8 +136,10 @@ def _add_soup(sub) -> None:
     _config_args(soup, required=False)
     soup.add_argument("--prompt", action="append",
                       help="with --sweep: held-out prompt, repeatable (default: trainer.eval_prompts)")
-    soup.add_argument("--experiment", help="with --sweep: MLflow experiment (default: tracking.experiment or the config's name)")
-    soup.add_argument("--seed", type=int, help="with --sweep: sampling seed, the same for every α (default: trainer.eval_seed)")
+    soup.add_argument("--experiment",
+                      help="with --sweep: MLflow experiment (default: tracking.experiment or the config's name)")
+    soup.add_argument("--seed", type=int,
+                      help="with --sweep: sampling seed, the same for every α (default: trainer.eval_seed)")
 
 
 def _soup(args: argparse.Namespace) -> None:
@@ -146,7 +151,8 @@ def _soup(args: argparse.Namespace) -> None:
     if args.weights is None:
         raise ConfigError("--weights: required without --sweep; accepted: one weight per --lora (e.g. 0.7 0.3), "
                           "or --sweep start:stop:step")
-    unused = [flag for flag, value in (("--config", args.config), ("--prompt", args.prompt), ("--experiment", args.experiment),
+    unused = [flag for flag, value in (("--config", args.config), ("--prompt", args.prompt),
+                                       ("--experiment", args.experiment),
                                        ("--seed", args.seed), ("key=value overrides", args.overrides)) if value]
     if unused:
         raise ConfigError(f"{unused[0]}: only used with --sweep; accepted: --sweep start:stop:step, or leave it out")
@@ -212,7 +218,8 @@ def _add_tiny_model(sub) -> None:
     tiny = sub.add_parser("tiny-model", help="save a tiny offline pipeline (random weights) as a diffusers directory")
     tiny.add_argument("dir")
     tiny.add_argument("--family", choices=["sd", "sdxl", "sd3"], default="sd",
-                      help="sd: SD 1.x-shaped (default); sdxl: two text encoders, added conditioning; sd3: flow-matching MMDiT")
+                      help="sd: SD 1.x-shaped (default); sdxl: two text encoders, added conditioning; sd3: "
+                           "flow-matching MMDiT")
 
 
 def _tiny_model(args: argparse.Namespace) -> None:

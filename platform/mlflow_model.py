@@ -39,7 +39,7 @@ MODEL_NAME = "model"  # runs:/<run_id>/model
 ALIAS = "best"  # models:/<name>@best
 LORA_ARTIFACT = "lora/final"
 CODE_FILE = "alignprop_model.py"
-MODEL_CODE = '''"""MLflow models-from-code entry point of an AlignProp run's Model (see alignprop.platform.mlflow_model)."""
+MODEL_CODE = '''"""MLflow models-from-code entry point of an AlignProp run's Model (alignprop.platform.mlflow_model)."""
 import mlflow
 
 from alignprop.platform.mlflow_model import AlignPropModel
@@ -90,10 +90,12 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
                 kwargs = {**self.family.call_kwargs(s), "num_inference_steps": steps, "guidance_scale": guidance}
-                image = self.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i), **kwargs).images[0]
+                image = self.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                                  **kwargs).images[0]
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
-                rows.append({"prompt": prompt, "seed": seed + i, "image": base64.b64encode(buffer.getvalue()).decode("ascii")})
+                image_text = base64.b64encode(buffer.getvalue()).decode("ascii")
+                rows.append({"prompt": prompt, "seed": seed + i, "image": image_text})
         return pd.DataFrame(rows, columns=["prompt", "seed", "image"])
 
 
@@ -185,7 +187,8 @@ def log_run_model(tracking_uri: str, run_id: str, lora: str = LORA_ARTIFACT) -> 
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "run").mkdir()
-        fetched = Path(download_artifacts(run_id=run_id, artifact_path=lora, dst_path=f"{tmp}/run", tracking_uri=tracking_uri))
+        fetched = Path(download_artifacts(run_id=run_id, artifact_path=lora, dst_path=f"{tmp}/run",
+                                          tracking_uri=tracking_uri))
         lora_dir = str(fetched.rename(Path(tmp) / "lora"))  # the Model's artifacts/lora
         config = download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp, tracking_uri=tracking_uri)
         lora_weights_file(lora_dir, source=f"runs:/{run_id}/{lora}")
@@ -252,5 +255,6 @@ def lora_in_model(path: str | os.PathLike) -> Path:
     relative = ((flavor.get("artifacts") or {}).get("lora") or {}).get("path")
     if not relative:
         raise ConfigError(f"--lora: the MLflow Model at {path} holds no LoRA (no artifacts.lora in its MLmodel); "
-                          "accepted: an AlignProp run's Model (runs:/<run_id>/model, models:/<name>@best) or a LoRA directory")
+                          "accepted: an AlignProp run's Model (runs:/<run_id>/model, models:/<name>@best) or a LoRA "
+                          "directory")
     return path / relative

@@ -5,7 +5,8 @@
     alignprop train --config sd15-hps trainer.prompt_file=/data/hps_v2_all.txt   # offline: a local copy
 
 A file is UTF-8 text, one prompt per line, `#` starts a comment; anything else is a one-line
-`ConfigError` naming the field. Public prompt sets: like reward weights, these live elsewhere and are not redistributed here. A name below that is
+`ConfigError` naming the field. Public prompt sets: like reward weights, these live elsewhere and are not redistributed
+here. A name below that is
 neither a local file nor shipped in platform/prompts/ is downloaded to
 `$ALIGNPROP_CACHE` (default `~/.cache/alignprop`)`/prompts/<name>` on first use; offline, the
 error names the source and the option to point at a local file.
@@ -86,7 +87,9 @@ def read_prompt_file(name: str, field_name: str = "trainer.prompt_file") -> list
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = "\0"
-    require("\0" not in text, field_name, f"{str(path)!r} is not UTF-8 text; accepted: a text file, one prompt per line")
+    require("\0" not in text, field_name,
+            f"{str(path)!r} is not UTF-8 text; accepted: a text file, one prompt per line")
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    require(bool(prompts), field_name, f"{str(path)!r} has no prompts; accepted: a text file, one prompt per line (# starts a comment)")
+    require(bool(prompts), field_name,
+            f"{str(path)!r} has no prompts; accepted: a text file, one prompt per line (# starts a comment)")
     return prompts

@@ -27,7 +27,8 @@ from .mlflow_model import lora_in_model, mlflow_uris
 from .tracking import resolve_tracking_uri
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
-URI_ACCEPTED = ("runs:/<run_id>/lora/final, runs:/<run_id>/model or models:/<name>/<version> (or models:/<name>@<alias>) "
+URI_ACCEPTED = ("runs:/<run_id>/lora/final, runs:/<run_id>/model or models:/<name>/<version> (or "
+                "models:/<name>@<alias>) "
                 "logged to --tracking-uri")
 
 
@@ -45,7 +46,8 @@ def resolve_lora(lora: str, tracking_uri: Optional[str] = None) -> Path:
     else:
         path = Path(lora).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"--lora: {path} does not exist; accepted: a directory holding {LORA_WEIGHTS_NAME}, the file itself, "
+            raise FileNotFoundError(f"--lora: {path} does not exist; accepted: a directory holding "
+                                    f"{LORA_WEIGHTS_NAME}, the file itself, "
                                     "an MLflow Model directory, or runs:/<run_id>/lora/final")
     if (path / "MLmodel").is_file():  # an AlignProp run's MLflow Model: the LoRA in its artifacts
         path = lora_in_model(path)
@@ -64,7 +66,8 @@ def _download(lora: str, tracking_uri: Optional[str]) -> Path:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=lora, tracking_uri=uri, registry_uri=uri))
     except (MlflowException, OSError) as err:
         reason = " ".join(str(getattr(err, "message", None) or err).split())[:200]
-        raise ConfigError(f"--lora: cannot resolve {lora} at tracking URI {uri} ({reason}); accepted: {URI_ACCEPTED}") from None
+        raise ConfigError(f"--lora: cannot resolve {lora} at tracking URI {uri} ({reason}); "
+                          f"accepted: {URI_ACCEPTED}") from None
 
 
 def _check_local_store(uri: str, lora: str) -> None:
@@ -78,8 +81,10 @@ def _check_local_store(uri: str, lora: str) -> None:
     else:
         return
     if not store.exists():
-        raise ConfigError(f"--tracking-uri: no MLflow store at {store} to resolve {lora}; accepted: the tracking URI the run was "
-                          "logged to (--tracking-uri or MLFLOW_TRACKING_URI, e.g. sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000)")
+        raise ConfigError(f"--tracking-uri: no MLflow store at {store} to resolve {lora}; accepted: the tracking URI "
+                          "the run was "
+                          "logged to (--tracking-uri or MLFLOW_TRACKING_URI, e.g. sqlite:////abs/path/mlflow.db or "
+                          "http://127.0.0.1:5000)")
 
 
 @torch.no_grad()
@@ -100,7 +105,8 @@ def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Option
         if path is not None:  # always the checked .safetensors file: diffusers never falls back to a pickle
             load_lora_weights(pipe, str(path.parent), path.name)
         for i, prompt in enumerate(prompts):
-            image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i), **family.call_kwargs(s)).images[0]
+            image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                         **family.call_kwargs(s)).images[0]
             written.append(out_dir / f"{tag}_{i:02d}.png")
             image.save(written[-1])
     return written

@@ -23,7 +23,8 @@ from .object_count import ObjectCount
 from .preference import HPSv2, PickScore
 from .toy import ToyColor, ToyColorMatch, ToyCount, ToyCountExact
 
-_COMBINATION_KEYS = ("name", "weight", "label", "normalize", "normalize_decay")  # read by the combination, not the reward
+# read by the combination, not the reward
+_COMBINATION_KEYS = ("name", "weight", "label", "normalize", "normalize_decay")
 
 NORMALIZE_DECAY = 0.99
 
@@ -44,7 +45,8 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool, n
     """Check `[{name, weight, ...options}]` without building anything; one-line ConfigError."""
     registry = REWARDS
     if not specs and not allow_empty:
-        raise ConfigError(f"{field}: empty; accepted: a list of {{name, weight, ...options}} with name in {', '.join(registry)}")
+        raise ConfigError(f"{field}: empty; accepted: a list of {{name, weight, ...options}} with name in "
+                          f"{', '.join(registry)}")
     labels = set()
     for i, spec in enumerate(specs):
         where = f"{field}[{i}]"
@@ -53,8 +55,10 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool, n
         if spec["name"] not in registry:
             raise ConfigError(f"{where}.name: unknown reward {spec['name']!r}; accepted: {', '.join(registry)}")
         if field == "rewards" and needs_gradient and not registry[spec["name"]].differentiable:
-            raise ConfigError(f"{where}.name: {spec['name']!r} has no gradient; accepted in eval_rewards, or as a training reward "
-                              "with trainer.algorithm=ddpo (train on its differentiable twin otherwise, e.g. compressibility)")
+            raise ConfigError(f"{where}.name: {spec['name']!r} has no gradient; accepted in eval_rewards, or as a "
+                              "training reward "
+                              "with trainer.algorithm=ddpo (train on its differentiable twin otherwise, e.g. "
+                              "compressibility)")
         weight = spec.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}.weight: got {weight!r}; accepted: a number")
@@ -65,7 +69,8 @@ def validate_reward_specs(specs: Sequence[Any], field: str, allow_empty: bool, n
         accepted = _options(registry[spec["name"]])
         for key in spec:
             if key not in _COMBINATION_KEYS and key not in accepted:
-                raise ConfigError(f"{where}.{key}: unknown option of reward {spec['name']!r}; accepted: {', '.join([*_COMBINATION_KEYS[1:], *accepted])}")
+                raise ConfigError(f"{where}.{key}: unknown option of reward {spec['name']!r}; accepted: "
+                                  f"{', '.join([*_COMBINATION_KEYS[1:], *accepted])}")
         if not isinstance(spec.get("normalize", False), bool):
             raise ConfigError(f"{where}.normalize: got {spec['normalize']!r}; accepted: true, false")
         decay = spec.get("normalize_decay", NORMALIZE_DECAY)

@@ -297,7 +297,8 @@ class HPSv2(Reward):
     def spec_error(cls, spec):
         return _version_mismatch(spec.get("checkpoint"), spec.get("version", HPS_VERSION))
 
-    def __init__(self, checkpoint: Optional[str] = None, version: str = HPS_VERSION, tokenizer: str = CLIP_H14_TOKENIZER,
+    def __init__(self, checkpoint: Optional[str] = None, version: str = HPS_VERSION,
+                 tokenizer: str = CLIP_H14_TOKENIZER,
                  config: Optional[str] = None, local_files_only: bool = False, resize: str = "reference",
                  dtype: str = "auto"):
         super().__init__()
@@ -309,7 +310,8 @@ class HPSv2(Reward):
         self.needs = f"{HPS_FILES[version]} from {HPS_URL} + tokenizer {tokenizer}"
         if checkpoint is None or not Path(checkpoint).is_file():
             raise FileNotFoundError(
-                f"hpsv2: checkpoint not found (checkpoint={checkpoint!r}); expected {HPS_FILES[version]} (version {version}) "
+                f"hpsv2: checkpoint not found (checkpoint={checkpoint!r}); expected {HPS_FILES[version]} (version "
+                f"{version}) "
                 f"from {HPS_URL} — download it and set the reward option checkpoint to its local path")
         problem = _version_mismatch(checkpoint, version)
         if problem is not None:

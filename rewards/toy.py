@@ -70,7 +70,8 @@ def load_toy_net(path: Optional[str], kind: str) -> ToyNet:
     try:
         state = read_state_dict(file)
     except FileNotFoundError:
-        raise FileNotFoundError(f"toy_{kind}: no weights at {file}; rebuild them with `alignprop toy-world build-rewards "
+        raise FileNotFoundError(f"toy_{kind}: no weights at {file}; rebuild them with `alignprop toy-world "
+                                "build-rewards "
                                 f"{SHIPPED_DIR}` or set the reward's `model` option") from None
     net.load_state_dict({k: v.float() for k, v in state.items()})
     return net

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny pipeline (built once), a single-process DeepSpeed world, paths."""
+"""Shared fixtures: a fresh tiny pipeline per test (tests add LoRA to it), a single-process DeepSpeed world, paths."""
 
 from __future__ import annotations
 

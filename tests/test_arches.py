@@ -162,12 +162,15 @@ def test_one_alignprop_step_with_the_sd15_sized_unet_through_the_recipe(deepspee
     from alignprop.platform.config import load_config
     from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
 
-    cfg = load_config("tiny-cpu", ["model.tiny=false", "model.arch=sd15", "sampling.resolution=64", "sampling.num_steps=2",
-                                   "truncation.k=1", "trainer.batch_size=1", "deepspeed.zero_stage=2", "trainer.eval_every=0",
+    cfg = load_config("tiny-cpu", ["model.tiny=false", "model.arch=sd15", "sampling.resolution=64",
+                                   "sampling.num_steps=2",
+                                   "truncation.k=1", "trainer.batch_size=1", "deepspeed.zero_stage=2",
+                                   "trainer.eval_every=0",
                                    "sampling.checkpoint_unet=all"])
     r = AlignPropRecipe(cfg, WorkerContext(progress=False)).setup()
     assert r.engine.zero_optimization_stage() == 2 and numel(r.denoiser) > PUBLISHED_PARAMS["sd15"]["unet"]
-    frozen = {n: p.detach().clone() for n, p in r.denoiser.named_parameters() if "lora_" not in n and "down_blocks.0" in n}
+    frozen = {n: p.detach().clone() for n,
+              p in r.denoiser.named_parameters() if "lora_" not in n and "down_blocks.0" in n}
     lora = {n: p.detach().clone() for n, p in r.lora_parameters()}
     m = r.train_step(0)
     assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0

@@ -57,12 +57,14 @@ def test_ddpo_log_prob_is_the_gaussian_density_of_the_ddim_step():
     mixed = scheduler.timesteps[torch.tensor([0, 4, 8])]  # per-sample timesteps, as DDPO's shuffled training
     x_next = torch.randn(3, 4, 8, 8)
     ours = gaussian_log_prob(x_next, *ddim_mean_std(scheduler, pred, mixed, x, 1.0))
-    torch.testing.assert_close(ours, reference_ddim_step_with_logprob(scheduler, pred, mixed, x, 1.0, x_next), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ours, reference_ddim_step_with_logprob(scheduler, pred, mixed, x, 1.0, x_next),
+                               atol=1e-5, rtol=1e-6)
 
 
 def test_ddim_step_has_no_nan_at_zero_terminal_snr_where_diffusers_has():
     config = build_tiny("sd").scheduler.config
-    ours = NaNFreeDDIMScheduler.from_config(config, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ours = NaNFreeDDIMScheduler.from_config(config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                            timestep_spacing="trailing")
     theirs = DDIMScheduler.from_config(ours.config)
     for s in (ours, theirs):
         s.set_timesteps(6)
@@ -116,7 +118,8 @@ def lora_pipe():
 
 
 def recipe(overrides, preset="tiny-cpu", **ctx):
-    cfg = load_config(preset, ["trainer.eval_every=0", "deepspeed.zero_stage=1", "sampling.num_steps=4", "truncation.k=2", *overrides])
+    cfg = load_config(preset, ["trainer.eval_every=0", "deepspeed.zero_stage=1", "sampling.num_steps=4",
+                               "truncation.k=2", *overrides])
     return AlignPropRecipe(cfg, WorkerContext(progress=False, **ctx)).setup()
 
 
@@ -126,9 +129,11 @@ def test_ddpo_ratio_is_exactly_one_on_the_first_inner_epoch(deepspeed_world):
     the second epoch sees the updated weights."""
     one = recipe(["trainer.algorithm=ddpo", "trainer.batch_size=4"]).train_step(0)
     assert one["approx_kl"] == 0.0 and one["clipfrac"] == 0.0 and one["k"] == 4
-    two = recipe(["trainer.algorithm=ddpo", "trainer.batch_size=4", "ddpo.inner_epochs=2", "optim.lr=1e-2"]).train_step(0)
+    two = recipe(["trainer.algorithm=ddpo", "trainer.batch_size=4", "ddpo.inner_epochs=2",
+                  "optim.lr=1e-2"]).train_step(0)
     assert two["approx_kl"] > 0 and two["clipfrac"] > 0
-    assert (one["images_seen"], one["unet_evals"]) == (4, 4 * (4 * 2 + 4 * 2))  # sampling 4 steps × CFG, training 4 × CFG
+    # sampling 4 steps × CFG, training 4 × CFG
+    assert (one["images_seen"], one["unet_evals"]) == (4, 4 * (4 * 2 + 4 * 2))
 
 
 class Recorder(nn.Module):
@@ -156,7 +161,8 @@ def test_refl_has_a_graph_at_its_stop_step_only_and_decodes_its_x0_estimate():
     with torch.no_grad():  # the same draws without stopping: x̂0 at step 4 is DDIM's pred_original_sample
         sample(pipe, pipe.unet, cond, neg, torch.Generator().manual_seed(0), SETTINGS, trajectory=trajectory)
     t, x, pred, _ = trajectory[4]
-    torch.testing.assert_close(out.latents.detach(), pipe.scheduler.step(pred, t, x).pred_original_sample, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.latents.detach(), pipe.scheduler.step(pred, t, x).pred_original_sample, atol=1e-6,
+                               rtol=0)
 
 
 def test_draft_lv_has_graphs_in_its_renoised_copies_only():
@@ -208,7 +214,9 @@ def test_ddpo_resumes_mid_run_as_the_uninterrupted_run(deepspeed_world, tmp_path
     for name in (LORA_WEIGHTS_NAME, OPTIMIZER_FILE):
         expected, got = load_file(saved[3] / name), load_file(again[3] / name)
         assert all(torch.equal(got[k], expected[k]) for k in expected), name
-    assert json.loads((again[3] / STATE_FILE).read_text())["ddpo_stats"] == json.loads((saved[3] / STATE_FILE).read_text())["ddpo_stats"]
+    resumed_stats, unbroken_stats = (json.loads((run[3] / STATE_FILE).read_text())["ddpo_stats"]
+                                     for run in (again, saved))
+    assert resumed_stats == unbroken_stats
 
 
 @pytest.mark.slow
@@ -229,10 +237,12 @@ def test_algorithm_keys_are_validated_before_anything_runs():
         load_config("toy-count", ["trainer.algorithm=ddpo"])
     with pytest.raises(ConfigError, match=r"^trainer.algorithm: ddpo needs a stochastic DDIM sampler"):
         load_config("tiny-sd3-cpu", ["trainer.algorithm=ddpo", "sampling.eta=1.0"])
-    with pytest.raises(ConfigError, match=r"^refl.low: got low=5, high=3; accepted: 0 <= low <= high <= sampling.num_steps - 1 \(9\)$"):
+    accepted = r"accepted: 0 <= low <= high <= sampling.num_steps - 1 \(9\)$"
+    with pytest.raises(ConfigError, match=r"^refl.low: got low=5, high=3; " + accepted):
         load_config("tiny-cpu", ["trainer.algorithm=refl", "refl.low=5", "refl.high=3"])
     with pytest.raises(ConfigError, match=r"^draft_lv.copies: got 0"):
         load_config("tiny-cpu", ["draft_lv.copies=0"])
     with pytest.raises(ConfigError, match=r"^rewards\[0\].name: 'jpeg_size' has no gradient"):
         load_config("tiny-cpu", ["rewards=[{name: jpeg_size}]"])
-    assert load_config("tiny-cpu", ["trainer.algorithm=ddpo", "rewards=[{name: jpeg_size}]"]).rewards[0]["name"] == "jpeg_size"
+    cfg = load_config("tiny-cpu", ["trainer.algorithm=ddpo", "rewards=[{name: jpeg_size}]"])
+    assert cfg.rewards[0]["name"] == "jpeg_size"

@@ -25,7 +25,8 @@ def run_cli(args, cwd):
     from alignprop.platform.cli import main
 
     stderr, here = io.StringIO(), os.getcwd()
-    saved = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS") if k in os.environ}
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
     os.chdir(cwd)
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -75,12 +76,18 @@ def test_soup_cli_bad_inputs(tmp_path, case):
     pickled_lora(tmp_path / "lora.bin", marker)
     loras, weights, starts = {
         "non-finite-weights": ([a, b], ["nan", "inf"], "--weights: got nan, inf; accepted: finite numbers"),
-        "text-file": (["notes.txt", b], ["0.5", "0.5"], "--lora: notes.txt is not a .safetensors file; accepted: a directory holding pytorch_lora_weights.safetensors"),
-        "pickle-bin": (["lora.bin", b], ["0.5", "0.5"], "--lora: lora.bin is not a .safetensors file; accepted: a directory holding pytorch_lora_weights.safetensors"),
-        "runs-uri-without-store": ([MISSING_RUN, b], ["0.5", "0.5"], f"--tracking-uri: no MLflow store at {tmp_path / 'mlflow.db'}"),
+        "text-file": (["notes.txt", b], ["0.5", "0.5"],
+                      "--lora: notes.txt is not a .safetensors file; accepted: a directory holding "
+                      "pytorch_lora_weights.safetensors"),
+        "pickle-bin": (["lora.bin", b], ["0.5", "0.5"],
+                       "--lora: lora.bin is not a .safetensors file; accepted: a directory holding "
+                       "pytorch_lora_weights.safetensors"),
+        "runs-uri-without-store": ([MISSING_RUN, b], ["0.5", "0.5"],
+                                   f"--tracking-uri: no MLflow store at {tmp_path / 'mlflow.db'}"),
     }[case]
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = run_cli(["soup", *[x for lora in loras for x in ("--lora", str(lora))], "--weights", *weights, "--out", "mix"], tmp_path)
+    flags = [x for lora in loras for x in ("--lora", str(lora))]
+    proc = run_cli(["soup", *flags, "--weights", *weights, "--out", "mix"], tmp_path)
     assert_one_error_line(proc, starts)
     assert not marker.exists(), "a pickle was unpickled"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mix/, no mlflow.db
@@ -115,7 +122,8 @@ def test_sample_resolves_models_uri_through_the_tracking_uri_as_registry(tmp_pat
     with pytest.raises(ConfigError) as err:
         resolve_lora("models:/nope@best", store)
     message = str(err.value)
-    assert "\n" not in message and message.startswith("--lora: cannot resolve models:/nope@best") and "accepted:" in message, message
+    assert "\n" not in message and "accepted:" in message, message
+    assert message.startswith("--lora: cannot resolve models:/nope@best"), message
     assert list(tmp_path.iterdir()) == []  # the registry was the store, not ./mlflow.db
     assert (mlflow.get_registry_uri(), mlflow.get_tracking_uri()) == before  # global MLflow state restored
 

@@ -15,7 +15,8 @@ from conftest import REPO, subprocess_env
 def test_every_preset_loads_and_validates(preset):
     cfg = load_config(preset, paths=False)  # sd15 presets name reward weights that live on a GPU cluster
     assert cfg.name == preset
-    assert (REPO / "platform" / "configs" / f"{preset}.yaml").read_text().startswith("#"), "preset header shows its command"
+    header = (REPO / "platform" / "configs" / f"{preset}.yaml").read_text()
+    assert header.startswith("#"), "preset header shows its command"
 
 
 def test_tiny_preset_runs_offline_on_two_workers():
@@ -63,8 +64,10 @@ BAD = [
     (["optim.eps=0"], "optim.eps"),
     (["rewards=[{name: brightness, weight: .inf}]"], "rewards.brightness.weight"),
     (["rewards=[{name: brightness, weight: .nan}]"], "rewards.brightness.weight"),
-    (["truncation.strategy=gaussian", "truncation.low=1", "truncation.high=10", "truncation.mean=inf"], "truncation.mean"),
-    (["truncation.strategy=gaussian", "truncation.low=1", "truncation.high=10", "truncation.std=nan"], "truncation.std"),
+    (["truncation.strategy=gaussian", "truncation.low=1", "truncation.high=10", "truncation.mean=inf"],
+     "truncation.mean"),
+    (["truncation.strategy=gaussian", "truncation.low=1", "truncation.high=10", "truncation.std=nan"],
+     "truncation.std"),
     # run names are directory names and MLflow filter values
     (["tracking.run_name=../../escape"], "tracking.run_name"),
     (["tracking.run_name=a'b"], "tracking.run_name"),
@@ -114,7 +117,8 @@ def _write(path, data):
 
 
 @pytest.mark.parametrize("content, problem", [(b"", "has no prompts"), (b"# only\n#comments\n\n", "has no prompts"),
-                                              (b"\x00\xff\xfebinary", "is not UTF-8 text"), (b"a cat\x00", "is not UTF-8 text")])
+                                              (b"\x00\xff\xfebinary", "is not UTF-8 text"),
+                                              (b"a cat\x00", "is not UTF-8 text")])
 def test_bad_prompt_files_are_one_line(tmp_path, content, problem):
     with pytest.raises(ConfigError, match=f"^trainer.prompt_file: .*{problem}; accepted: ") as err:
         load_config("tiny-cpu", [f"trainer.prompt_file={_write(tmp_path / 'p.txt', content)}"])
@@ -126,7 +130,8 @@ def test_a_prompt_file_relative_to_the_cwd_is_made_absolute_on_the_driver(tmp_pa
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny-cpu", ["trainer.prompt_file=p.txt"])
     assert cfg.trainer.prompt_file == str(tmp_path / "p.txt")
-    assert load_config("tiny-cpu").trainer.prompt_file == "simple_animals.txt", "shipped names stay names (stable run hash)"
+    shipped = load_config("tiny-cpu").trainer.prompt_file
+    assert shipped == "simple_animals.txt", "shipped names stay names (stable run hash)"
 
 
 def test_a_directory_that_is_not_a_pipeline_says_so(tmp_path):
@@ -140,11 +145,13 @@ def test_target_modules_are_checked_against_a_saved_pipeline(tmp_path):
     save_tiny_pipeline(tmp_path / "pipe")
     base = ["model.tiny=false", f"model.pretrained={tmp_path / 'pipe'}"]
     assert load_config("tiny-cpu", base).model.pretrained == str(tmp_path / "pipe")
-    with pytest.raises(ConfigError, match="^lora.target_modules: 'to_x' matches no module of the UNet; accepted: .*to_q"):
+    with pytest.raises(ConfigError,
+                       match="^lora.target_modules: 'to_x' matches no module of the UNet; accepted: .*to_q"):
         load_config("tiny-cpu", [*base, "lora.target_modules=[to_q, to_x]"])
 
 
-@pytest.mark.parametrize("text, problem", [("optim: {lr: [\n", "not a readable YAML file"), ("- a\n- b\n", "expected a mapping")])
+@pytest.mark.parametrize("text, problem",
+                         [("optim: {lr: [\n", "not a readable YAML file"), ("- a\n- b\n", "expected a mapping")])
 def test_malformed_or_list_yaml_presets_are_one_line(tmp_path, text, problem):
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ConfigError, match=f"^--config .*bad.yaml: {problem}") as err:
@@ -173,7 +180,8 @@ def test_cli_reports_config_error_before_ray_starts(tmp_path):
         capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "alignprop: error: truncation.k: got 99; accepted: 1 <= k <= sampling.num_steps (10)"
+    expected = "alignprop: error: truncation.k: got 99; accepted: 1 <= k <= sampling.num_steps (10)"
+    assert proc.stderr.strip().splitlines()[-1] == expected
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists(), "nothing is created on bad input"
 
 
@@ -182,7 +190,8 @@ def test_checkpoint_unet_takes_the_old_booleans_and_the_modes():
     assert load_config("tiny-cpu", ["sampling.checkpoint_unet=false"]).sampling.checkpoint_unet == "none"
     cfg = load_config("tiny-cpu", ["sampling.checkpoint_unet=auto", "sampling.activation_budget_mb=64"])
     assert (cfg.sampling.checkpoint_unet, cfg.sampling.activation_budget_mb) == ("auto", 64.0)
-    cfg = load_config("tiny-cpu", ["model.tiny=false", "model.arch=sd21", "perf.autocast=bf16", "perf.channels_last=true"])
+    cfg = load_config("tiny-cpu",
+                      ["model.tiny=false", "model.arch=sd21", "perf.autocast=bf16", "perf.channels_last=true"])
     assert (cfg.model.arch, cfg.perf.autocast, cfg.perf.channels_last) == ("sd21", "bf16", True)
 
 
@@ -204,7 +213,8 @@ def test_run_name_is_deterministic_and_ignores_run_length():
 
 def test_stdlib_platform_wins_from_the_repo_root():
     proc = subprocess.run(
-        [sys.executable, "-c", "import platform, sys; assert platform.__file__.endswith('platform.py'), platform.__file__; "
+        [sys.executable, "-c", "import platform, sys; assert platform.__file__.endswith('platform.py'), "
+                               "platform.__file__; "
          "import alignprop.platform.config as c; print(platform.system(), c.__file__)"],
         cwd=REPO, capture_output=True, text=True, env=subprocess_env(),
     )
@@ -233,6 +243,7 @@ def test_rewards_list_cli_names_every_reward_and_its_weights():
 
 def test_one_option_of_a_listed_reward_is_an_override():
     cfg = load_config("tiny-cpu", ["rewards.brightness.weight=2.5", "eval_rewards.saturation.label=sat"])
-    assert cfg.rewards == [{"name": "brightness", "weight": 2.5}] and cfg.eval_rewards[0] == {"name": "saturation", "label": "sat"}
+    assert cfg.rewards == [{"name": "brightness", "weight": 2.5}]
+    assert cfg.eval_rewards[0] == {"name": "saturation", "label": "sat"}
     with pytest.raises(ConfigError, match="^rewards.nope: no such reward in rewards; accepted: brightness$"):
         load_config("tiny-cpu", ["rewards.nope.weight=2"])

@@ -57,7 +57,8 @@ def test_filters_act_where_the_noise_is_raised(caplog):
     quiet_known_noise()  # idempotent
     assert sum(type(f).__name__ == "_DropKnownNoise" for f in logging.getLogger("DeepSpeed").filters) == 1
     with caplog.at_level(logging.WARNING):
-        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, we "
+                                               "were unable to detect it.")
         logging.getLogger("DeepSpeed").warning("gradient overflow, skipping step")
     assert [r.getMessage() for r in caplog.records] == ["gradient overflow, skipping step"]
     with warnings.catch_warnings(record=True) as caught:
@@ -99,7 +100,8 @@ def test_closing_summary_names_rewards_before_after_lora_and_ui(tmp_path, monkey
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter.json").write_text("{}")
     client.log_artifacts(run_id, str(tmp_path / "lora"), "lora/final")
-    outcome = SimpleNamespace(run_name="demo", mlflow_run_id=run_id, tracking_uri=uri, checkpoint_path="/ckpt/checkpoint_4",
+    outcome = SimpleNamespace(run_name="demo", mlflow_run_id=run_id, tracking_uri=uri,
+                              checkpoint_path="/ckpt/checkpoint_4",
                               metrics={"step": 4})
     text = "\n".join(closing_summary(outcome, f"runs:/{run_id}/model", "demo-model v1"))
     assert "run demo, 4 steps" in text

@@ -124,7 +124,8 @@ def test_sample_cli_writes_base_and_lora_images(trained, tmp_path):
     alignprop("sample", "--config", "tiny-cpu", "--lora", f"runs:/{runs[0].info.run_id}/lora/final",
               "--tracking-uri", f"sqlite:///{work}/mlflow.db", "--prompt", "a cat", "--prompt", "a dog",
               "--out", str(tmp_path / "png"), cwd=tmp_path)
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["base_00.png", "base_01.png", "lora_00.png", "lora_01.png"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["base_00.png", "base_01.png", "lora_00.png",
+                                                                    "lora_01.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["png"], "sample writes nothing but its outputs (no ./mlflow.db)"
 
 
@@ -133,7 +134,8 @@ def test_console_is_clean_and_ends_with_a_summary(trained):
     _, _, runs, first, second = trained
     for proc in (first, second):
         text = proc.stdout + proc.stderr
-        noisy = [line for line in text.splitlines() if any(w in line for w in ("Warning", "WARNING", "Traceback", "Error"))]
+        markers = ("Warning", "WARNING", "Traceback", "Error")
+        noisy = [line for line in text.splitlines() if any(w in line for w in markers)]
         assert not noisy, noisy
     assert "held-out rewards (eval/, step 0 → 4): brightness " in second.stdout
     assert f"samples: runs:/{runs[0].info.run_id}/eval/samples/step_0.png → eval/samples/step_4.png" in second.stdout

@@ -113,7 +113,8 @@ def test_lora_artifact_loads_into_the_familys_pipeline_and_changes_its_output(fa
 def test_a_short_run_raises_the_reward(family, deepspeed_world):
     """The recipe (real DeepSpeed engine) on the family's tiny CPU preset: brightness rises."""
     cfg = load_config(PRESETS[family], ["trainer.eval_every=0", "trainer.max_steps=8", "deepspeed.zero_stage=1",
-                                         "trainer.eval_prompts=[a cat, a horse]", "sampling.num_steps=6", "truncation.k=6"])
+                                         "trainer.eval_prompts=[a cat, a horse]", "sampling.num_steps=6",
+                                         "truncation.k=6"])
     r = AlignPropRecipe(cfg, WorkerContext(progress=False)).setup()
     assert family_of(r.pipe).name == family
     before = r.evaluate(0)["eval/brightness"]
@@ -127,7 +128,8 @@ def test_family_is_read_from_the_pipeline_directory_and_checked(tmp_path):
     save_tiny_pipeline(tmp_path / "xl", "sdxl")
     cfg = load_config("tiny-cpu", ["model.tiny=false", f"model.pretrained={tmp_path / 'xl'}"])
     assert cfg.model.family == "auto" and type(load_pipeline(cfg.model)) is StableDiffusionXLPipeline
-    with pytest.raises(ConfigError, match=r"^model.family: got 'sd3' but .* is a sdxl pipeline; accepted: auto or sdxl$"):
+    with pytest.raises(ConfigError,
+                       match=r"^model.family: got 'sd3' but .* is a sdxl pipeline; accepted: auto or sdxl$"):
         load_config("tiny-cpu", ["model.tiny=false", f"model.pretrained={tmp_path / 'xl'}", "model.family=sd3"])
     with pytest.raises(ConfigError, match=r"^model.family: got 'flux'; accepted: auto, sd, sdxl, sd3$"):
         load_config("tiny-cpu", ["model.family=flux"])
@@ -139,7 +141,8 @@ def test_family_is_read_from_the_pipeline_directory_and_checked(tmp_path):
         load_config("tiny-sdxl-cpu", ["lora.target_modules=[to_q, add_q_proj]"])
     index = tmp_path / "xl" / "model_index.json"
     index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "FluxPipeline"}))
-    with pytest.raises(ConfigError, match=r"^model.pretrained: .* is a FluxPipeline; accepted: StableDiffusionPipeline, "):
+    with pytest.raises(ConfigError,
+                       match=r"^model.pretrained: .* is a FluxPipeline; accepted: StableDiffusionPipeline, "):
         load_config("tiny-cpu", ["model.tiny=false", f"model.pretrained={tmp_path / 'xl'}"])
 
 
@@ -172,7 +175,8 @@ def test_soup_of_sd3_adapters_loads_into_its_pipeline(tmp_path):
     base.load_lora_weights(str(mixed.parent))
     kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
     expected = pipe_a("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    torch.testing.assert_close(base("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(base("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images, expected,
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
@@ -195,7 +199,8 @@ def test_bench_runs_on_the_flow_matching_family(capsys):
     from alignprop.platform.bench.steps import run_bench
 
     for family in ("sd3",):  # the sdxl path is the same code (its bench table is in NOTES.md)
-        rows = run_bench(load_config(PRESETS[family], ["sampling.num_steps=1", "truncation.k=1", "trainer.batch_size=1"]),
+        cfg = load_config(PRESETS[family], ["sampling.num_steps=1", "truncation.k=1", "trainer.batch_size=1"])
+        rows = run_bench(cfg,
                          steps=1, modes=["auto"])  # all/none/auto cells: tests/test_bench.py
         assert [(r["k"], r["checkpoint"], r["kept"]) for r in rows] == [(1, "auto", 1)]
         assert all(r["s_per_step"] > 0 and r["peak_mb"] > 0 and r["unet_tflop_per_step"] > 0 for r in rows)

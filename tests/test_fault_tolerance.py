@@ -26,10 +26,12 @@ def test_failed_worker_restarts_from_checkpoint_and_matches(local_ray, tmp_path)
 
     from alignprop.platform.launch import launch
 
-    common = ["ray.num_workers=1", "ray.resources_per_worker={CPU: 0.98}", "trainer.max_steps=3", "trainer.ckpt_every=1",
+    common = ["ray.num_workers=1", "ray.resources_per_worker={CPU: 0.98}", "trainer.max_steps=3",
+              "trainer.ckpt_every=1",
               "trainer.eval_every=0", "sampling.num_steps=4", "truncation.k=3", f"ray.storage_path={tmp_path}/ray",
               f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    broken = launch(load_config("tiny-cpu", [*common, "ray.max_failures=1", "trainer.fail_at_step=2", "tracking.run_name=broken"]))
+    broken = launch(load_config("tiny-cpu", [*common, "ray.max_failures=1", "trainer.fail_at_step=2",
+                                             "tracking.run_name=broken"]))
     clean = launch(load_config("tiny-cpu", [*common, "tracking.run_name=clean"]))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(broken.mlflow_run_id).info.status == "FINISHED"

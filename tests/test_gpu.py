@@ -94,7 +94,8 @@ def test_checkpoint_policy_gives_the_gradients_of_all_on_cuda(mode):
         for p in params:
             p.grad = None
         embeds, negative = encode_prompts(pipe, ["a cat", "a dog"], CUDA), negative_prompt(pipe, 2, CUDA)
-        out = sample(pipe, pipe.unet, embeds, negative, torch.Generator().manual_seed(0), SamplerSettings(6, 5.0, 1.0, 32),
+        out = sample(pipe, pipe.unet, embeds, negative, torch.Generator().manual_seed(0),
+                     SamplerSettings(6, 5.0, 1.0, 32),
                      k=4, checkpoint_unet=checkpoint_unet)
         out.images.mean().backward()
         return torch.cat([p.grad.flatten() for p in params]), out

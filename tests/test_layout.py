@@ -88,7 +88,8 @@ def test_no_absolute_alignprop_imports_inside_the_package():
             for node in ast.walk(ast.parse(path.read_text())):
                 names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else
                          [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-                offenders += [f"{path.relative_to(REPO)}:{node.lineno}" for n in names if n.split(".")[0] == "alignprop"]
+                if any(n.split(".")[0] == "alignprop" for n in names):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, f"use relative imports inside the package: {offenders}"
 
 
@@ -124,7 +125,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         target = src / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((REPO / name).read_bytes())
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "out"),
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp / "out"),
                     str(src)], check=True, capture_output=True, timeout=600)
     return zipfile.ZipFile(next((tmp / "out").glob("*.whl")))
 

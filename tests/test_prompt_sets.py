@@ -17,7 +17,8 @@ from alignprop.platform.config import ConfigError, load_config, read_prompt_file
 def server(tmp_path):
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "set.json").write_text(json.dumps(["a red cat", " a blue dog ", ""]))
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"), **k)  # noqa: E731
+    # noqa: E731
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"), **k)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.RequestHandlerClass.log_message = lambda *a: None
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -45,19 +46,23 @@ def test_offline_fetch_is_one_line_naming_the_source_and_the_local_option(tmp_pa
     with pytest.raises(ConfigError) as err:
         load_config("tiny-cpu", ["trainer.prompt_file=hps_v2_all.txt"])
     message = str(err.value)
-    assert "\n" not in message and message.startswith("trainer.prompt_file: cannot fetch hps_v2_all.txt from http://127.0.0.1:1/")
+    assert "\n" not in message and message.startswith("trainer.prompt_file: cannot fetch hps_v2_all.txt from "
+                                                      "http://127.0.0.1:1/")
     assert "accepted: a local copy, trainer.prompt_file=/path/to/hps_v2_all.txt" in message
     assert not (tmp_path / "cache" / "prompts" / "hps_v2_all.txt").exists()
 
 
 def test_the_official_held_out_animals_ship_and_load_as_eval_prompts():
     cfg = load_config("tiny-cpu", ["trainer.eval_prompts=[]", "trainer.eval_prompt_file=eval_simple_animals.txt"])
-    assert read_prompt_file(cfg.trainer.eval_prompt_file) == ["snail", "hippopotamus", "cheetah", "crocodile", "lobster", "octopus"]
-    assert not set(read_prompt_file("eval_simple_animals.txt")) & set(read_prompt_file("simple_animals.txt")), "held out"
+    assert read_prompt_file(cfg.trainer.eval_prompt_file) == ["snail", "hippopotamus", "cheetah", "crocodile",
+                                                              "lobster", "octopus"]
+    held_out, train = set(read_prompt_file("eval_simple_animals.txt")), set(read_prompt_file("simple_animals.txt"))
+    assert not held_out & train, "held out"
 
 
 def test_the_public_sets_name_their_sources():
-    assert prompt_sets.REMOTE_PROMPT_SETS["hps_v2_all.txt"][0].endswith("mihirp1998/AlignProp/main/assets/hps_v2_all.txt")
-    assert {f"hpsv2_benchmark_{s}.txt" for s in ("anime", "concept-art", "paintings", "photo")} <= prompt_sets.REMOTE_PROMPT_SETS.keys()
+    remote = prompt_sets.REMOTE_PROMPT_SETS
+    assert remote["hps_v2_all.txt"][0].endswith("mihirp1998/AlignProp/main/assets/hps_v2_all.txt")
+    assert {f"hpsv2_benchmark_{s}.txt" for s in ("anime", "concept-art", "paintings", "photo")} <= remote.keys()
     with pytest.raises(ConfigError, match="^trainer.eval_prompts: set at most one"):
         load_config("tiny-cpu", ["trainer.eval_prompt_file=eval_simple_animals.txt"])

@@ -35,7 +35,8 @@ def test_metrics_report_every_component_and_k(deepspeed_world):
                 "rewards=[{name: brightness, weight: 1.0}, {name: saturation, weight: 0.5}]"])
     m = r.train_step(0)
     assert 2 <= m["k"] <= 4
-    assert m["reward/total_mean"] == pytest.approx(m["reward/brightness_mean"] + 0.5 * m["reward/saturation_mean"], rel=1e-5)
+    assert m["reward/total_mean"] == pytest.approx(m["reward/brightness_mean"] + 0.5 * m["reward/saturation_mean"],
+                                                   rel=1e-5)
     assert {"loss", "grad_norm", "step_time_s", "images_per_s", "peak_memory_mb", "lr"} <= m.keys()
 
 
@@ -76,7 +77,8 @@ def test_loss_scale_with_scaled_clipping_gives_the_same_updates(deepspeed_world)
         r = recipe([*base, *overrides])
         seen = []
         base_optimizer(r.engine).register_step_pre_hook(
-            lambda opt, args, kwargs: seen.append(torch.cat([p.grad.detach().flatten().clone() for _, p in r.lora_parameters()])))
+            lambda opt, args,
+            kwargs: seen.append(torch.cat([p.grad.detach().flatten().clone() for _, p in r.lora_parameters()])))
         metrics = r.train_step(0)
         assert len(seen) == 1, "one optimizer step"
         return metrics, seen[0]
@@ -93,7 +95,8 @@ def test_loss_scale_with_scaled_clipping_gives_the_same_updates(deepspeed_world)
 
     assert relative_error(g_raw, g_unclipped * (500 / norm)) < 1e-5, "clipped to the bound"
     assert relative_error(g_scaled / 0.01, g_raw) < 1e-4
-    _, g_other = clipped_grads("optim.loss_scale=0.01", "optim.max_grad_norm=500")  # no clipping: 0.01 × the raw gradient
+    # no clipping: 0.01 × the raw gradient
+    _, g_other = clipped_grads("optim.loss_scale=0.01", "optim.max_grad_norm=500")
     assert relative_error(g_other / 0.01, g_unclipped) < 1e-4
     assert float(g_other.norm()) > 2 * float(g_scaled.norm()), "without the matching clip the update differs"
 
@@ -110,7 +113,8 @@ def test_resumed_run_matches_the_uninterrupted_one(deepspeed_world, tmp_path, st
         return keep
 
     saved, again = {}, {}
-    overrides = [f"deepspeed.zero_stage={stage}", "trainer.max_steps=4", "trainer.ckpt_every=2", "sampling.num_steps=4", "truncation.k=3"]
+    overrides = [f"deepspeed.zero_stage={stage}", "trainer.max_steps=4", "trainer.ckpt_every=2", "sampling.num_steps=4",
+                 "truncation.k=3"]
     recipe(overrides, report=keeper("step", saved)).train()
     assert sorted(saved) == [2, 4]
     assert {p.name for p in saved[2].iterdir()} == {
@@ -133,7 +137,8 @@ def test_resumed_run_matches_the_uninterrupted_one(deepspeed_world, tmp_path, st
         assert expected.keys() == got.keys()
         for key in expected:
             assert torch.equal(got[key], expected[key]), (name, key, (got[key] - expected[key]).abs().max())
-    assert json.loads((again[4] / ENGINE_STATE_FILE).read_text()) == json.loads((saved[4] / ENGINE_STATE_FILE).read_text())
+    resumed_engine, unbroken_engine = (json.loads((run[4] / ENGINE_STATE_FILE).read_text()) for run in (again, saved))
+    assert resumed_engine == unbroken_engine
     got = load_file(again[4] / LORA_WEIGHTS_NAME)
     assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k or "lora.up" in k), "the adapter trained"
 

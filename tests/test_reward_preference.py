@@ -318,7 +318,8 @@ def test_hpsv2_version_option(tiny, tmp_path):
             validate_reward_specs([{"name": "hpsv2", key: value}], "rewards", allow_empty=False)
     # The other version's released file is refused at config load (weights differ, architecture does not).
     with pytest.raises(ConfigError, match=r"^rewards\[0\]\.version: got 'v2.1' but checkpoint .*HPS_v2_compressed.pt"):
-        validate_reward_specs([{"name": "hpsv2", "checkpoint": "/m/HPS_v2_compressed.pt"}], "rewards", allow_empty=False)
+        validate_reward_specs([{"name": "hpsv2", "checkpoint": "/m/HPS_v2_compressed.pt"}], "rewards",
+                              allow_empty=False)
     with pytest.raises(FileNotFoundError, match="HPS_v2_compressed.pt \\(version v2.0\\)"):
         hpsv2(tiny, checkpoint=None, version="v2.0")
     with pytest.raises(ValueError, match="set version: v2.1"):
@@ -327,7 +328,8 @@ def test_hpsv2_version_option(tiny, tmp_path):
     v20.symlink_to(tiny["checkpoint"])
     reward = hpsv2(tiny, checkpoint=str(v20), version="v2.0")
     assert reward.version == "v2.0" and HPS_FILES["v2.0"] in reward.needs
-    assert "HPS_v2_compressed.pt (version v2.0)" in HPSv2.needs and "HPS_v2.1_compressed.pt (version v2.1" in HPSv2.needs
+    assert "HPS_v2_compressed.pt (version v2.0)" in HPSv2.needs
+    assert "HPS_v2.1_compressed.pt (version v2.1" in HPSv2.needs
 
 
 def test_hpsv2_rejects_unknown_missing_and_misshapen_keys(tiny, tmp_path):

@@ -66,7 +66,8 @@ def test_bad_reward_specs(specs, field):
 
 
 def test_normalised_component_uses_running_statistics():
-    mix = build_rewards([{"name": "brightness", "weight": 1.0, "normalize": True}, {"name": "saturation", "weight": 0.0}])
+    mix = build_rewards([{"name": "brightness", "weight": 1.0, "normalize": True},
+                         {"name": "saturation", "weight": 0.0}])
     history = torch.tensor([[0.2, 0.0], [0.4, 0.0], [0.6, 0.0]])
     mix.update_stats(history)
     x = images()
@@ -148,12 +149,15 @@ def test_bad_normalize_decay(value):
     with pytest.raises(ConfigError, match=r"^rewards\[0\]\.normalize_decay: got .*; accepted: a number in \[0, 1\)"):
         validate_reward_specs([{"name": "brightness", "normalize": True, "normalize_decay": value}], "rewards",
                               allow_empty=False)
-    validate_reward_specs([{"name": "brightness", "normalize": True, "normalize_decay": None}], "rewards", allow_empty=False)
+    validate_reward_specs([{"name": "brightness", "normalize": True, "normalize_decay": None}], "rewards",
+                          allow_empty=False)
 
 
 def test_true_jpeg_size_is_an_eval_only_reward():
     validate_reward_specs([{"name": "jpeg_size"}], "eval_rewards", allow_empty=True)
-    with pytest.raises(ConfigError, match=r"^rewards\[0\]\.name: 'jpeg_size' has no gradient; accepted in eval_rewards, or as a training reward with trainer.algorithm=ddpo"):
+    message = (r"^rewards\[0\]\.name: 'jpeg_size' has no gradient; accepted in eval_rewards, or as a training reward "
+               r"with trainer.algorithm=ddpo")
+    with pytest.raises(ConfigError, match=message):
         validate_reward_specs([{"name": "jpeg_size"}], "rewards", allow_empty=False)
     noisy, flat = torch.rand(1, 3, 32, 32), torch.full((1, 3, 32, 32), 0.5)
     reward = build_reward({"name": "jpeg_size"})

@@ -25,7 +25,8 @@ CLI = [sys.executable, "-m", "alignprop.platform.cli"]
 
 
 def cli(*args: str, cwd: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -155,8 +156,10 @@ def _is_loopback(ip: str) -> bool:
 def test_run_lifecycle_lock_loopback_ctrl_c_and_lossless_resume(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = ["train", "--config", "tiny-cpu", "--run-name", "life", "--tracking-uri", uri, f"ray.storage_path={tmp_path}/ray",
-              "ray.num_workers=2", "trainer.ckpt_every=3", "trainer.eval_every=0", "sampling.num_steps=4", "truncation.k=2"]
+    common = ["train", "--config", "tiny-cpu", "--run-name", "life", "--tracking-uri", uri,
+              f"ray.storage_path={tmp_path}/ray",
+              "ray.num_workers=2", "trainer.ckpt_every=3", "trainer.eval_every=0", "sampling.num_steps=4",
+              "truncation.k=2"]
     env = subprocess_env(RAY_TMPDIR=ray_tmp)
     log = open(tmp_path / "first.log", "w")  # a file, not a pipe nobody drains: a full pipe blocks the writer
     # As from a terminal: SIGINT at its default even when this test runs as a background job
@@ -221,7 +224,8 @@ def test_mlflow_heartbeat_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = open_run(uri, "beat", "same-name", {}, "name: beat\n")
-    with pytest.raises(RunBusyError, match=r"^run 'same-name' is already running \(MLflow run .*or choose another tracking.run_name"):
+    with pytest.raises(RunBusyError,
+                       match=r"^run 'same-name' is already running \(MLflow run .*or choose another tracking.run_name"):
         open_run(uri, "beat", "same-name", {}, "name: beat\n")  # RUNNING, fresh heartbeat, live owner (us)
 
     gone = subprocess.Popen(["true"])
@@ -231,6 +235,7 @@ def test_mlflow_heartbeat_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path)
 
     client.set_tag(run_id, OWNER_TAG, "another-host:1")
     client.set_tag(run_id, HEARTBEAT_TAG, str(time.time() - 3600))
-    assert open_run(uri, "beat", "same-name", {}, "name: beat\n") == run_id, "a heartbeat older than the lease: taken over"
+    taken_over = open_run(uri, "beat", "same-name", {}, "name: beat\n")
+    assert taken_over == run_id, "a heartbeat older than the lease: taken over"
     client.set_terminated(run_id, status="FINISHED")
     assert open_run(uri, "beat", "same-name", {}, "name: beat\n") == run_id, "a finished run resumes"

@@ -102,7 +102,8 @@ def assert_one_line(err, field):
     assert "\n" not in message and message.startswith(f"{field}: ") and "accepted:" in message, message
 
 
-@pytest.mark.parametrize("weights", [[float("nan"), 0.5], [0.5, float("inf")], [float("-inf"), float("nan")]], ids=["nan", "inf", "both"])
+@pytest.mark.parametrize("weights", [[float("nan"), 0.5], [0.5, float("inf")], [float("-inf"), float("nan")]],
+                         ids=["nan", "inf", "both"])
 def test_non_finite_weights_are_refused_before_reading_or_writing(tmp_path, weights):
     a, b = fake_adapter(tmp_path / "a"), fake_adapter(tmp_path / "b")
     with pytest.raises(ConfigError) as err:

@@ -61,7 +61,8 @@ def rest(url: str, path: str, body: dict) -> dict:
 def sweep_config(tmp_path, url, experiment, *overrides):
     return load_config("tiny-cpu", [
         "ray.num_workers=1", "ray.resources_per_worker={CPU: 0.98}", "trainer.max_steps=3", "trainer.eval_every=1",
-        "trainer.ckpt_every=3", f"ray.storage_path={tmp_path}/ray", f"tracking.uri={url}", f"tracking.experiment={experiment}",
+        "trainer.ckpt_every=3", f"ray.storage_path={tmp_path}/ray", f"tracking.uri={url}",
+        f"tracking.experiment={experiment}",
         *overrides,
     ])
 
@@ -87,7 +88,8 @@ def test_parent_and_four_children_in_mlflow(sweep, mlflow_server):
     found = rest(mlflow_server, "experiments/search", {"filter": "name = 'sweep'", "max_results": 10})["experiments"]
     assert len(found) == 1
     experiment = found[0]
-    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 50})["runs"]
+    runs = rest(mlflow_server, "runs/search",
+                {"experiment_ids": [experiment["experiment_id"]], "max_results": 50})["runs"]
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
     children = [(r, t) for r, t in zip(runs, tags) if t.get("mlflow.parentRunId")]
@@ -164,7 +166,8 @@ def test_rerunning_a_sweep_with_the_same_name_resumes_it(sweep, mlflow_server, l
 
     summary, _, tmp = sweep
     cfg = sweep_config(tmp, mlflow_server, "sweep")
-    again = run_sweep(cfg, load_space(str(tmp / "lr.yaml"), cfg), num_samples=1, max_concurrent=2, sweep_name="lr-sweep")
+    again = run_sweep(cfg, load_space(str(tmp / "lr.yaml"), cfg), num_samples=1, max_concurrent=2,
+                      sweep_name="lr-sweep")
     assert again["parent_run_id"] == summary["parent_run_id"]
     assert sorted(r["trial_id"] for r in again["rows"]) == sorted(r["trial_id"] for r in summary["rows"])
     client = MlflowClient(mlflow_server)
@@ -173,7 +176,8 @@ def test_rerunning_a_sweep_with_the_same_name_resumes_it(sweep, mlflow_server, l
     assert len(children) == 4, "no trial ran again"
 
 
-def test_a_two_trial_comparison_sweep_puts_the_figure_and_table_in_the_parent_run(sweep, mlflow_server, local_ray, tmp_path):
+def test_a_two_trial_comparison_sweep_puts_the_figure_and_table_in_the_parent_run(
+    sweep, mlflow_server, local_ray, tmp_path):
     """A grid over trainer.algorithm: the parent run gets reward vs images_seen / wall_s per method
     and the images-to-reach table against DDPO (the baseline when the grid has it)."""
     import mlflow.artifacts
@@ -189,7 +193,8 @@ def test_a_two_trial_comparison_sweep_puts_the_figure_and_table_in_the_parent_ru
     cfg = sweep_config(tmp, mlflow_server, "compare", "trainer.max_steps=2", "sampling.num_steps=4", "truncation.k=2")
     summary = run_sweep(cfg, load_space(str(space), cfg), num_samples=1, max_concurrent=2, sweep_name="compare-sweep")
     efficiency = summary["sample_efficiency"]
-    assert efficiency["baseline"] == "algorithm=ddpo" and efficiency["groups"] == ["algorithm=alignprop", "algorithm=ddpo"]
+    assert efficiency["baseline"] == "algorithm=ddpo"
+    assert efficiency["groups"] == ["algorithm=alignprop", "algorithm=ddpo"]
     by_method = {r["method"]: r for r in efficiency["rows"]}
     ddpo = by_method["algorithm=ddpo"]
     assert ddpo["images_to_reach"] <= 4 and (ddpo["images_vs_baseline"] == 1.0 or ddpo["images_to_reach"] == 0)

@@ -56,7 +56,8 @@ def test_long_prompts_wrap_to_three_lines_within_the_tile():
     assert len(lines) == 3 and lines[-1].endswith("...")
     assert all(font.getlength(line) <= 248 for line in lines)
     assert _wrap("a photo of a cat", font, 248, max_lines=3) == ["a photo of a cat"]
-    assert all(font.getlength(x) <= 100 for x in _wrap("x" * 80, font, 100, max_lines=9))  # a word wider than a line is cut
+    # a word wider than a line is cut
+    assert all(font.getlength(x) <= 100 for x in _wrap("x" * 80, font, 100, max_lines=9))
 
 
 def test_eval_grid_is_the_artifact_eval_samples_step_n_with_no_internal_image_log(uri):
@@ -67,7 +68,8 @@ def test_eval_grid_is_the_artifact_eval_samples_step_n_with_no_internal_image_lo
     tracker.log_image(torch.rand(2, 3, 32, 32), "eval/samples", 2, captions=["a cat", "a dog"])
     client = MlflowClient(uri)
     assert [f.path for f in client.list_artifacts(run_id, "eval/samples")] == ["eval/samples/step_2.png"]
-    assert "images" not in [f.path for f in client.list_artifacts(run_id)]  # no key/step image log (its UI card is covered by params)
+    # no key/step image log (its UI card is covered by params)
+    assert "images" not in [f.path for f in client.list_artifacts(run_id)]
     from PIL import Image
 
     with Image.open(client.download_artifacts(run_id, "eval/samples/step_2.png")) as png:
@@ -77,7 +79,8 @@ def test_eval_grid_is_the_artifact_eval_samples_step_n_with_no_internal_image_lo
 def test_a_new_run_carries_user_source_and_git_commit_and_the_experiment_the_training_kind(uri, monkeypatch):
     from mlflow import MlflowClient
 
-    monkeypatch.setattr("sys.argv", ["/somewhere/.venv/bin/alignprop", "train", "--config", "tiny-cpu", "trainer.eval_prompts=[a cat, a dog]"])
+    monkeypatch.setattr("sys.argv", ["/somewhere/.venv/bin/alignprop", "train", "--config", "tiny-cpu",
+                                     "trainer.eval_prompts=[a cat, a dog]"])
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     run_id = open_run(uri, "readable-tags", "tag-run", {"a": 1}, "name: x\n")
     client = MlflowClient(uri)
@@ -115,7 +118,8 @@ def test_prompt_sets_are_dataset_inputs_logged_once_across_reopening_the_run(uri
     assert got == [("simple_animals.txt", "training"), ("trainer.eval_prompts", "evaluation")]
     by_name = {i.dataset.name: i.dataset for i in inputs}
     assert "/prompts/simple_animals.txt" in by_name["simple_animals.txt"].source
-    assert '"prompt"' in by_name["trainer.eval_prompts"].schema and by_name["trainer.eval_prompts"].source_type == "code"
+    eval_set = by_name["trainer.eval_prompts"]
+    assert '"prompt"' in eval_set.schema and eval_set.source_type == "code"
 
     client.set_terminated(run_id, "FINISHED")
     edited = [PromptSet("training", "simple_animals.txt", "/prompts/simple_animals.txt", ("cat", "dog", "owl"))]
@@ -128,13 +132,18 @@ def test_prompt_sets_of_a_config_name_their_files_urls_or_config_keys(tmp_path, 
     from alignprop.platform.prompt_files import REMOTE_PROMPT_SETS
 
     train, held_out = prompt_sets(load_config("tiny-cpu", paths=False))
-    assert (train.context, train.name, train.source) == ("training", "simple_animals.txt", str(PROMPT_DIR / "simple_animals.txt"))
-    assert train.prompts and (held_out.context, held_out.name, held_out.source) == ("evaluation", "trainer.eval_prompts", "config")
+    assert (train.context, train.name, train.source) == ("training", "simple_animals.txt",
+                                                         str(PROMPT_DIR / "simple_animals.txt"))
+    assert train.prompts
+    assert (held_out.context, held_out.name, held_out.source) == ("evaluation", "trainer.eval_prompts", "config")
     assert held_out.prompts == ("a photo of a cat", "a photo of a horse", "a photo of a whale", "a photo of a bee")
 
     monkeypatch.setenv("ALIGNPROP_CACHE", str(tmp_path))  # a public set already fetched: its source is its URL
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "hps_v2_all_eval.txt").write_text("a castle\na dragon\n")
-    cfg = load_config("tiny-cpu", ["trainer.eval_prompts=[]", "trainer.eval_prompt_file=hps_v2_all_eval.txt"], paths=False)
+    cfg = load_config("tiny-cpu", ["trainer.eval_prompts=[]", "trainer.eval_prompt_file=hps_v2_all_eval.txt"],
+                      paths=False)
     (held_out,) = prompt_sets(cfg)[1:]
-    assert (held_out.name, held_out.source, held_out.prompts) == ("hps_v2_all_eval.txt", REMOTE_PROMPT_SETS["hps_v2_all_eval.txt"][0], ("a castle", "a dragon"))
+    assert (held_out.name, held_out.source, held_out.prompts) == ("hps_v2_all_eval.txt",
+                                                                  REMOTE_PROMPT_SETS["hps_v2_all_eval.txt"][0],
+                                                                  ("a castle", "a dragon"))

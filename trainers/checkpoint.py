@@ -79,11 +79,13 @@ def check_checkpoint_files(directory: str | os.PathLike) -> None:
     old = any(f.startswith("engine/") or f.endswith(".pt") or f in _OLD_FORMAT_NAMES for f in offending)
     why, fix = (
         ("was written by an older alignprop with pickle files (DeepSpeed engine/*.pt, rng_rank*.pt), and "
-         "alignprop does not load pickles (they can run code when loaded)", "restart the run under a new tracking.run_name")
+         "alignprop does not load pickles (they can run code when loaded)", "restart the run under a new "
+                                                                            "tracking.run_name")
         if old else
         ("holds files alignprop does not load (a pickle can run code when loaded)",
          "remove them, or restart the run under a new tracking.run_name"))
-    raise UnsafeCheckpointError(f"checkpoint {root} {why}: {shown}; accepted are only .safetensors and .json files: {fix}")
+    raise UnsafeCheckpointError(f"checkpoint {root} {why}: {shown}; accepted are only .safetensors and .json files: "
+                                f"{fix}")
 
 
 # ------------------------------------------------------------------------------ save / load
@@ -247,7 +249,8 @@ def _check_tensor_names(tensors: dict[str, torch.Tensor], named_params: NamedPar
     if missing or extra:
         raise ValueError(f"checkpoint {path / OPTIMIZER_FILE} does not match this run's LoRA parameters "
                          f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}): was it saved with another lora config?")
+                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}): was it saved with another lora "
+                         "config?")
 
 
 def _set_full_tensor(base: torch.optim.Optimizer, p: torch.Tensor, key: Optional[str], value: torch.Tensor,

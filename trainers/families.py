@@ -9,8 +9,10 @@ the sampling loop. The recipes and the sampler call a family object, never the r
 | family | denoiser | text conditioning | scheduler (training sampler) | denoiser's extra inputs |
 |---|---|---|---|---|
 | `sd`   | UNet (`pipe.unet`) | CLIP last hidden state | DDIM (η from `sampling.eta`) | – |
-| `sdxl` | UNet | CLIP-L + OpenCLIP-bigG penultimate states, pooled bigG | DDIM | `text_embeds` (pooled), `time_ids` (size, crop, target) |
-| `sd3`  | MMDiT (`pipe.transformer`) | 2 × CLIP (+ T5, optional) | flow-matching Euler (deterministic) | `pooled_projections` |
+| `sdxl` | UNet | CLIP-L + OpenCLIP-bigG penultimate states, pooled bigG | DDIM | `text_embeds`, `time_ids` |
+| `sd3`  | MMDiT (`pipe.transformer`) | 2 × CLIP (+ T5, optional) | flow-matching Euler | `pooled_projections` |
+
+(`text_embeds`: the pooled bigG state; `time_ids`: size, crop, target size. SD3's Euler sampler is deterministic.)
 
 For `sd3`, K counts the last K Euler steps: the sampler x_{i+1} = x_i + (σ_{i+1} − σ_i) v_θ(x_i, σ_i)
 is differentiable end to end, so truncation, checkpointing and CFG are the same code as DDIM's.
@@ -57,7 +59,8 @@ def with_guidance(negative: Conditioning, positive: Conditioning) -> Conditionin
     return Conditioning(torch.cat([negative.embeds, positive.embeds]), pooled)
 
 
-def ddim_mean_std(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ddim_mean_std(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                  eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and σ of DDIM's p(x_{t−1} | x_t) for per-sample timesteps `t` (B,): diffusers'
     DDIMScheduler.step without its noise (epsilon, v_prediction or sample parameterisation). One
     difference: sqrt(1 − ᾱ_prev − σ²) is clamped at 0, where diffusers gets NaN from rounding at the
@@ -72,7 +75,8 @@ def _ddim(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: 
     alphas = scheduler.alphas_cumprod.to(x.device)
     shape = (-1,) + (1,) * (x.ndim - 1)
     alpha_t = alphas[t.long()].reshape(shape)
-    alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0).long()], scheduler.final_alpha_cumprod.to(x.device)).reshape(shape)
+    alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0).long()],
+                             scheduler.final_alpha_cumprod.to(x.device)).reshape(shape)
     beta_t = 1 - alpha_t
     if c.prediction_type == "epsilon":
         x0, eps = (x - beta_t.sqrt() * pred) / alpha_t.sqrt(), pred
@@ -96,11 +100,13 @@ class NaNFreeDDIMScheduler(DDIMScheduler):
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
              generator=None, variance_noise=None, return_dict: bool = True):
         if eta == 0 or use_clipped_model_output or self.config.thresholding:
-            return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)
+            return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                                variance_noise, return_dict)
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(len(sample))
         mean, std, x0 = _ddim(self, model_output, t, sample, eta)
         if variance_noise is None:
-            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                          dtype=model_output.dtype)
         prev = (mean + std * variance_noise).to(sample.dtype)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
@@ -131,7 +137,8 @@ class SDFamily:
     def scale_input(self, scheduler, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return scheduler.scale_model_input(latents, t)
 
-    def denoise(self, model, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, resolution: int) -> torch.Tensor:
+    def denoise(self, model, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                resolution: int) -> torch.Tensor:
         return model(latents, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
 
     def set_timesteps(self, pipe, num_steps: int, device: torch.device, latent_shape) -> None:

@@ -43,7 +43,8 @@ def apply_perf(pipe, denoiser: torch.nn.Module, perf: PerfSection, device: torch
             try:
                 module.set_attn_processor(AttnProcessor())
             except ValueError as err:  # e.g. SD3's joint attention has no eager processor
-                raise ValueError(f"perf.attention: eager is not available for {type(module).__name__} ({err}); accepted: sdpa") from None
+                raise ValueError(f"perf.attention: eager is not available for {type(module).__name__} ({err}); "
+                                 "accepted: sdpa") from None
     if perf.channels_last:
         denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

@@ -148,7 +148,8 @@ class SamplerSettings:
 
     @classmethod
     def of(cls, sampling) -> "SamplerSettings":
-        return cls(sampling.num_steps, sampling.guidance_scale, sampling.eta, sampling.resolution, sampling.checkpoint_vae)
+        return cls(sampling.num_steps, sampling.guidance_scale, sampling.eta, sampling.resolution,
+                   sampling.checkpoint_vae)
 
 
 def sample(
@@ -184,7 +185,8 @@ def sample(
     that keep no graph (e.g. a `torch.compile`d copy; same weights). `phases`: a `PhaseTimer` that
     gets `prefix` (the no-graph steps before the first kept one), `window` and `decode`.
     """
-    num_steps, guidance_scale, eta, resolution = settings.num_steps, settings.guidance_scale, settings.eta, settings.resolution
+    num_steps, guidance_scale, eta, resolution = (settings.num_steps, settings.guidance_scale, settings.eta,
+                                                  settings.resolution)
     family, scheduler = family_of(pipe), pipe.scheduler
     device, batch = prompt_embeds.embeds.device, prompt_embeds.batch
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -204,7 +206,8 @@ def sample(
             phases.mark("prefix")
         model = denoiser if with_graph or prefix_denoiser is None else prefix_denoiser
         with torch.set_grad_enabled(with_graph):
-            noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution, plan if with_graph else None)
+            noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution,
+                                      plan if with_graph else None)
         with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
             if i == stop_at:
                 latents = family.predict_x0(scheduler, noise, t, latents)

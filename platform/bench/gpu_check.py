@@ -34,9 +34,9 @@ from ..console import quiet_known_noise
 from ..models import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-SD15 = ["model.pretrained=null", "model.tiny=false", "model.arch=sd15", "model.dtype=bfloat16", "deepspeed.precision=bf16",
-        "ray.use_gpu=true", "sampling.resolution=512", "sampling.num_steps=50", "rewards=[{name: brightness, weight: 1.0}]",
-        "truncation.k=1"]
+SD15 = ["model.pretrained=null", "model.tiny=false", "model.arch=sd15", "model.dtype=bfloat16",
+        "deepspeed.precision=bf16", "ray.use_gpu=true", "sampling.resolution=512", "sampling.num_steps=50",
+        "rewards=[{name: brightness, weight: 1.0}]", "truncation.k=1"]
 FAST_PATHS = {  # label → overrides against the SD1.5 bf16 baseline
     "baseline (DeepSpeed bf16, SDPA, TF32)": [],
     "attention eager": ["perf.attention=eager"],
@@ -76,10 +76,13 @@ class Check:
 
 def run_tests(check: Check, timeout: float) -> None:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    proc = subprocess.run(command,
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     (check.out / "pytest-gpu.log").write_text(proc.stdout + proc.stderr)
-    summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line and ("passed" in line or "failed" in line or "error" in line)), "no summary")
+    closing = [line for line in reversed(proc.stdout.splitlines())
+               if " in " in line and any(word in line for word in ("passed", "failed", "error"))]
+    summary = closing[0] if closing else "no summary"
     check.add({"section": "tests", "label": "pytest -m gpu tests/test_gpu.py", "result": summary.strip("= "),
                "rc": proc.returncode, "seconds": time.monotonic() - start})
 
@@ -91,10 +94,12 @@ def run_grid(check: Check, modes=("all", "auto"), steps=1) -> None:
         for k in check.ks:
             for mode in modes:
                 if check.left() < 60:
-                    check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}", "result": "skipped: time budget"})
+                    check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}",
+                               "result": "skipped: time budget"})
                     continue
                 row = cell_row(recipe, k, batch, mode, steps, flops)
-                check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}", "result": row.get("error", "ok"), **row})
+                check.add({"section": "grid", "label": f"K={k} batch={batch} {mode}", "result": row.get("error", "ok"),
+                           **row})
     del recipe
     free_memory()
 
@@ -164,8 +169,10 @@ def _forward_rows(check: Check, iters=20) -> None:
         t = torch.tensor(500, device=check.device)
         for label, model in (("bare UNet", bare), ("UNet + LoRA (DeepSpeed engine)", recipe.engine)):
             with torch.no_grad():
-                seconds = seconds_per_call(lambda: model(x, t, encoder_hidden_states=text, return_dict=False), check.device, iters)
-            check.add({"section": "forward", "label": f"{label}, no grad, batch {batch} (CFG: {2 * batch})", "s_per_step": seconds,
+                seconds = seconds_per_call(lambda: model(x, t, encoder_hidden_states=text, return_dict=False),
+                                           check.device, iters)
+            check.add({"section": "forward", "label": f"{label}, no grad, batch {batch} (CFG: {2 * batch})",
+                       "s_per_step": seconds,
                        "unet_tflop_per_step": fwd / 1e12, "unet_tflops_per_s": fwd / seconds / 1e12,
                        "mfu": fwd / seconds / (peak * 1e12) if peak else None})
 
@@ -188,9 +195,11 @@ def _unet_mfu(check: Check, batch: int, iters: int, overrides: list[str]) -> Non
 
     seconds = seconds_per_call(step, device, iters)
     peak = peak_tflops(device)
-    label = f"UNet fwd+bwd, batch {batch} (CFG: {2 * batch}), {resolution} px, {recipe.cfg.model.dtype}" + (", channels-last" if overrides else "")
+    label = f"UNet fwd+bwd, batch {batch} (CFG: {2 * batch}), {resolution} px, {recipe.cfg.model.dtype}"
+    label += ", channels-last" if overrides else ""
     check.add({"section": "unet", "label": label,
-               "s_per_step": seconds, "unet_tflop_per_step": (fwd + bwd) / 1e12, "unet_tflops_per_s": (fwd + bwd) / seconds / 1e12,
+               "s_per_step": seconds, "unet_tflop_per_step": (fwd + bwd) / 1e12,
+               "unet_tflops_per_s": (fwd + bwd) / seconds / 1e12,
                "mfu": (fwd + bwd) / seconds / (peak * 1e12) if peak else None,
                "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None})
 
@@ -199,14 +208,17 @@ def write_table(check: Check) -> Path:
     device = torch.cuda.get_device_name(check.device) if check.device.type == "cuda" else "CPU (dry run: tiny pipeline)"
     lines = [f"# gpu-check on {device}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
              f"bf16 peak {peak_tflops(check.device)} TFLOP/s; SD1.5 architecture (random weights), 512 px, N = 50",
-             "", f"| section | cell | s/step | peak MB | kept/recomputed | {' | '.join(PHASES)} | UNet TFLOP/step | TFLOP/s | MFU | result |",
+             "", f"| section | cell | s/step | peak MB | kept/recomputed | {' | '.join(PHASES)} | UNet TFLOP/step | "
+                 "TFLOP/s | MFU | result |",
              f"|{'---|' * (9 + len(PHASES))}"]
     for r in check.rows:
         phases = " | ".join(f"{r['phases'][p]:.3f}" if "phases" in r else "" for p in PHASES)
         num = lambda key, fmt: format(r[key], fmt) if r.get(key) is not None else ""  # noqa: E731
         kept = f"{r['kept']}/{r['recomputed']}" if "kept" in r else ""
-        lines.append(f"| {r['section']} | {r['label']} | {num('s_per_step', '.3f')} | {num('peak_mb', '.0f')} | {kept} | {phases} | "
-                     f"{num('unet_tflop_per_step', '.2f')} | {num('unet_tflops_per_s', '.0f')} | {num('mfu', '.1%')} | {r.get('result', 'ok')} |")
+        lines.append(f"| {r['section']} | {r['label']} | {num('s_per_step', '.3f')} | {num('peak_mb', '.0f')} | "
+                     f"{kept} | {phases} | "
+                     f"{num('unet_tflop_per_step', '.2f')} | {num('unet_tflops_per_s', '.0f')} | "
+                     f"{num('mfu', '.1%')} | {r.get('result', 'ok')} |")
     path = check.out / "gpu-check.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -214,12 +226,15 @@ def write_table(check: Check) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignprop.platform.bench.gpu_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="gpu-check", help="directory for gpu-check.md, gpu-check.jsonl, pytest-gpu.log")
+    parser = argparse.ArgumentParser(prog="python -m alignprop.platform.bench.gpu_check",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu-check",
+                        help="directory for gpu-check.md, gpu-check.jsonl, pytest-gpu.log")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cells after this many seconds")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--sections", default="tests,grid,fast,unet", help="comma-separated: tests, grid, fast, unet")
-    parser.add_argument("--dry-run", action="store_true", help="the same code on CPU with the tiny pipeline (no tests section)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the same code on CPU with the tiny pipeline (no tests section)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.skip_tests = True
@@ -233,7 +248,8 @@ def main(argv=None) -> int:
     owns_world = not torch.distributed.is_initialized()  # a caller's world (tests) stays up
     sections = set(args.sections.split(",")) - ({"tests"} if args.skip_tests else set())
     steps = [("tests", lambda: run_tests(check, timeout=max(60.0, min(240.0, check.left() - 200)))),
-             ("grid", lambda: run_grid(check)), ("unet", lambda: run_unet_mfu(check)), ("fast", lambda: run_perf_switches(check))]
+             ("grid", lambda: run_grid(check)), ("unet", lambda: run_unet_mfu(check)),
+             ("fast", lambda: run_perf_switches(check))]
     for name, run in steps:
         if name not in sections:
             continue

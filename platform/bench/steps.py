@@ -174,7 +174,8 @@ def parse_list(text: Optional[str], cast, option: str, accepted: str) -> Optiona
     return values
 
 
-def run_bench(cfg: RunConfig, steps: int = 3, ks: Optional[Sequence[int]] = None, batches: Optional[Sequence[int]] = None,
+def run_bench(cfg: RunConfig, steps: int = 3, ks: Optional[Sequence[int]] = None,
+              batches: Optional[Sequence[int]] = None,
               modes: Sequence[str] = CHECKPOINT_MODES, json_lines: bool = False) -> list[dict]:
     """The grid K × batch × checkpoint mode (defaults: K ∈ {1, N/2, N}, the config's batch, all
     three modes); prints a Markdown table, or one JSON object per cell with `json_lines`."""
@@ -209,7 +210,8 @@ def run_bench(cfg: RunConfig, steps: int = 3, ks: Optional[Sequence[int]] = None
 
 def table_header() -> str:
     names = " | ".join(PHASES)
-    return (f"| K | batch | checkpoint | kept/recomputed | s/step | vs first | peak MB | {names} | UNet TFLOP/step | MFU |\n"
+    return (f"| K | batch | checkpoint | kept/recomputed | s/step | vs first | peak MB | {names} | UNet TFLOP/step | "
+            "MFU |\n"
             f"|{'---|' * (9 + len(PHASES))}")
 
 
@@ -219,8 +221,10 @@ def table_row(row: dict, rows: Sequence[dict]) -> str:
     base = next(r for r in rows if r["batch"] == row["batch"] and "error" not in r)["s_per_step"]
     phases = " | ".join(f"{row['phases'].get(p, 0.0):.3f}" for p in PHASES)
     mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "–"
-    return (f"| {row['k']} | {row['batch']} | {row['checkpoint']} | {row['kept']}/{row['recomputed']} | {row['s_per_step']:.3f} | "
-            f"{row['s_per_step'] / base:.2f}× | {row['peak_mb']:.0f} | {phases} | {row['unet_tflop_per_step']:.3f} | {mfu} |")
+    return (f"| {row['k']} | {row['batch']} | {row['checkpoint']} | {row['kept']}/{row['recomputed']} | "
+            f"{row['s_per_step']:.3f} | "
+            f"{row['s_per_step'] / base:.2f}× | {row['peak_mb']:.0f} | {phases} | {row['unet_tflop_per_step']:.3f} "
+            f"| {mfu} |")
 
 
 if __name__ == "__main__":  # pragma: no cover - `alignprop bench` is the entry point

@@ -25,7 +25,8 @@ from .schema import (ALGORITHMS, CHECKPOINT_MODES, COMPILE_MODES, DTYPE_NAMES, F
                      TrackingSection, TrainerSection, TruncationSection, flatten, from_dict, to_dict, to_yaml)
 from .validate import refl_bounds, validate
 
-__all__ = ["ALGORITHMS", "ARCH_NAMES", "CHECKPOINT_MODES", "COMPILE_MODES", "DTYPE_NAMES", "FAMILY_CHOICES", "PRESET_DIR",
+__all__ = ["ALGORITHMS", "ARCH_NAMES", "CHECKPOINT_MODES", "COMPILE_MODES", "DTYPE_NAMES", "FAMILY_CHOICES",
+           "PRESET_DIR",
            "PROMPT_DIR", "SAFE_NAME", "SAFE_NAME_TEXT", "TRACKING_SCHEMES", "ConfigError", "DDPOSection",
            "DeepSpeedSection", "DraftLVSection", "LoraSection", "ModelSection", "OptimSection", "PerfSection",
            "RaySection", "ReFLSection", "RunConfig", "SamplingSection", "TrackingSection", "TrainerSection",

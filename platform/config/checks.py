@@ -48,12 +48,17 @@ def _check_pretrained(name: str) -> None:
     path = Path(name).expanduser()
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1
     if path.exists() or looks_local:
-        _check(path.is_dir(), "model.pretrained", f"no such directory {name!r}; accepted: a diffusers pipeline directory or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
-        _check((path / "model_index.json").is_file() and any((path / sub / "config.json").is_file() for sub in ("unet", "transformer")),
-               "model.pretrained", f"{name!r} is not a diffusers pipeline directory (no model_index.json and unet/ or transformer/config.json); "
+        _check(path.is_dir(), "model.pretrained",
+               f"no such directory {name!r}; accepted: a diffusers pipeline directory or a hub id such as "
+               "stable-diffusion-v1-5/stable-diffusion-v1-5")
+        denoiser_config = any((path / sub / "config.json").is_file() for sub in ("unet", "transformer"))
+        _check((path / "model_index.json").is_file() and denoiser_config,
+               "model.pretrained", f"{name!r} is not a diffusers pipeline directory (no model_index.json and unet/ "
+                                   "or transformer/config.json); "
                "accepted: a directory written by save_pretrained, e.g. alignprop tiny-model DIR")
     else:
-        _check(bool(_HUB_ID.fullmatch(name)), "model.pretrained", f"got {name!r}; accepted: a local pipeline directory, a hub id <org>/<name>, or {TOY_WORLD_MODEL}")
+        _check(bool(_HUB_ID.fullmatch(name)), "model.pretrained",
+               f"got {name!r}; accepted: a local pipeline directory, a hub id <org>/<name>, or {TOY_WORLD_MODEL}")
 
 
 def _check_family(cfg: RunConfig) -> None:
@@ -64,23 +69,28 @@ def _check_family(cfg: RunConfig) -> None:
     _check(m.family in ("auto", found) or found is None, "model.family",
            f"got {m.family!r} but {m.pretrained!r} is a {found} pipeline; accepted: auto or {found}")
     family = resolve_family(m)
-    _check(m.t5 or family in ("sd3", None), "model.t5", f"false applies to sd3 pipelines only (this one is {family}); accepted: true")
+    _check(m.t5 or family in ("sd3", None), "model.t5",
+           f"false applies to sd3 pipelines only (this one is {family}); accepted: true")
     _check(family != "sd3" or cfg.trainer.algorithm != "ddpo", "trainer.algorithm",
-           "ddpo needs a stochastic DDIM sampler, and sd3's flow-matching Euler sampler is deterministic; accepted for sd3: alignprop, refl, draft_lv")
+           "ddpo needs a stochastic DDIM sampler, and sd3's flow-matching Euler sampler is deterministic; accepted "
+           "for sd3: alignprop, refl, draft_lv")
     _check(family != "sd3" or cfg.sampling.eta == 0, "sampling.eta",
-           f"got {cfg.sampling.eta} for an sd3 pipeline, whose flow-matching Euler sampler is deterministic; accepted: 0")
+           f"got {cfg.sampling.eta} for an sd3 pipeline, whose flow-matching Euler sampler is deterministic; "
+           "accepted: 0")
 
 
 def _check_target_modules(cfg: RunConfig) -> None:
     family = resolve_family(cfg.model)
-    found = denoiser_module_names(family, cfg.model.tiny, cfg.model.pretrained, cfg.model.revision, cfg.model.arch) if family else None
+    found = denoiser_module_names(family, cfg.model.tiny, cfg.model.pretrained, cfg.model.revision,
+                                  cfg.model.arch) if family else None
     if found is None:  # a hub id that is not in the local cache: the worker checks it
         return
     names, linear = found
     what = "transformer" if family == "sd3" else "UNet"
     for target in cfg.lora.target_modules:  # peft's rule for a list: the name or a dotted suffix of it
         if not any(n == target or n.endswith(f".{target}") for n in names):
-            raise ConfigError(f"lora.target_modules: {target!r} matches no module of the {what}; accepted: names of its layers such as {', '.join(linear)}")
+            raise ConfigError(f"lora.target_modules: {target!r} matches no module of the {what}; accepted: names of "
+                              f"its layers such as {', '.join(linear)}")
 
 
 def _check_writable(path: Path, field_name: str) -> None:
@@ -88,5 +98,7 @@ def _check_writable(path: Path, field_name: str) -> None:
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    _check(probe.is_dir(), field_name, f"{str(probe)!r} is not a directory; accepted: a writable directory or s3://, gs:// URI")
-    _check(os.access(probe, os.W_OK | os.X_OK), field_name, f"{str(probe)!r} is not writable by this user; accepted: a writable directory or s3://, gs:// URI")
+    _check(probe.is_dir(), field_name,
+           f"{str(probe)!r} is not a directory; accepted: a writable directory or s3://, gs:// URI")
+    _check(os.access(probe, os.W_OK | os.X_OK), field_name,
+           f"{str(probe)!r} is not writable by this user; accepted: a writable directory or s3://, gs:// URI")

@@ -41,13 +41,16 @@ def load_config(name_or_path: str, overrides: Sequence[str] = (), paths: bool = 
     try:
         data = OmegaConf.load(preset)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"--config {preset}: not a readable YAML file ({_first_line(err)}); accepted: a mapping of sections such as model, optim, trainer") from None
+        raise ConfigError(f"--config {preset}: not a readable YAML file ({_first_line(err)}); accepted: a mapping of "
+                          "sections such as model, optim, trainer") from None
     if not isinstance(data, DictConfig):
-        raise ConfigError(f"--config {preset}: expected a mapping of sections; accepted: {', '.join(f.name for f in fields(RunConfig))}")
+        raise ConfigError(f"--config {preset}: expected a mapping of sections; accepted: "
+                          f"{', '.join(f.name for f in fields(RunConfig))}")
     reward_edits = [item for item in overrides if _REWARD_OPTION.match(item)]
     overrides = [item for item in overrides if item not in reward_edits]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig(name=preset.stem)), data, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig(name=preset.stem)), data,
+                                 OmegaConf.from_dotlist(list(overrides)))
         _apply_reward_edits(merged, reward_edits)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
@@ -74,7 +77,8 @@ def _apply_reward_edits(merged: DictConfig, edits: Sequence[str]) -> None:
         entries = [e for e in merged[section] if isinstance(e, DictConfig) and e.get("label", e.get("name")) == label]
         if not entries:
             labels = [str(e.get("label", e.get("name"))) for e in merged[section] if isinstance(e, DictConfig)]
-            raise ConfigError(f"{section}.{label}: no such reward in {section}; accepted: {', '.join(labels) or 'none listed'}")
+            raise ConfigError(f"{section}.{label}: no such reward in {section}; accepted: "
+                              f"{', '.join(labels) or 'none listed'}")
         entries[0][option] = yaml.safe_load(value) if value.strip() else None
 
 
@@ -129,10 +133,12 @@ def _section_keys(full_key: str) -> list[str]:
     return [f.name for f in fields(node)]
 
 # Keys that do not change the training trajectory: a rerun that only changes these resumes.
-_NOT_IN_RUN_HASH = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_every", "trainer.keep_checkpoints", "ray.", "tracking.")
+_NOT_IN_RUN_HASH = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_every", "trainer.keep_checkpoints", "ray.",
+                    "tracking.")
 
 # Fields added after runs existed: at these values they leave run names as they were, so those runs still resume.
-_ADDED_DEFAULTS = {"model.arch": None, "sampling.activation_budget_mb": None, "perf.autocast": "none", "perf.attention": "sdpa", "perf.channels_last": False,
+_ADDED_DEFAULTS = {"model.arch": None, "sampling.activation_budget_mb": None, "perf.autocast": "none",
+                   "perf.attention": "sdpa", "perf.channels_last": False,
                    "perf.tf32": True, "perf.compile_prefix": False, "perf.compile_mode": "default"}
 
 

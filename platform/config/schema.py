@@ -62,7 +62,8 @@ class SamplingSection:
     # activation checkpointing of the denoiser calls in the window (trainers/sampling.py CheckpointPlan):
     # all (true) | none (false) | auto: keep the activations of as many calls as fit activation_budget_mb
     checkpoint_unet: str = "all"
-    activation_budget_mb: Optional[float] = None  # auto's budget; null: half the free GPU memory (CPU: 1/4 of MemAvailable)
+    # auto's budget; null: half the free GPU memory (CPU: 1/4 of MemAvailable)
+    activation_budget_mb: Optional[float] = None
     checkpoint_vae: bool = False
 
 

@@ -52,7 +52,8 @@ def _set_master(port: int) -> None:
     os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port))
 
 
-def _init_process_group(backend: str, world_rank: int, world_size: int, port: int, listen_fd: int | None, timeout_s: int) -> None:
+def _init_process_group(backend: str, world_rank: int, world_size: int, port: int, listen_fd: int | None,
+                        timeout_s: int) -> None:
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)

@@ -19,7 +19,8 @@ from .loopback import enter_loopback_mode
 
 def worker_resources(cfg: RunConfig) -> dict[str, float]:
     """What one Train worker reserves (Ray Train's rule: CPU 1 by default, GPU 1 with use_gpu)."""
-    per = {k: float(v) for k, v in cfg.ray.resources_per_worker.items() if v} or ({} if cfg.ray.use_gpu else {"CPU": 1.0})
+    per = {k: float(v) for k, v in cfg.ray.resources_per_worker.items() if v}
+    per = per or ({} if cfg.ray.use_gpu else {"CPU": 1.0})
     if cfg.ray.use_gpu:
         per.setdefault("GPU", 1.0)
     return per
@@ -39,8 +40,10 @@ def ray_address(cfg: RunConfig) -> Optional[str]:
         try:
             socket.create_connection((host.strip("[]"), port), timeout=5).close()
         except OSError as err:
-            raise ConfigError(f"ray.address: cannot reach {address} ({err.strerror or err}); accepted: a running cluster "
-                              "(the address `ray start --head` prints, or ray://<head>:10001), or unset for a local Ray") from None
+            raise ConfigError(f"ray.address: cannot reach {address} ({err.strerror or err}); accepted: a running "
+                              "cluster "
+                              "(the address `ray start --head` prints, or ray://<head>:10001), "
+                              "or unset for a local Ray") from None
     return address
 
 
@@ -56,8 +59,10 @@ def _check_fits(cfg: RunConfig, have: dict[str, float], where: str) -> None:
     per, n = worker_resources(cfg), cfg.ray.num_workers
     for key, amount in per.items():
         if amount * n > have.get(key, 0.0) + 1e-9:
-            shown = ", ".join(f"{k}: {v:g}" for k, v in sorted(have.items()) if not k.startswith(("node:", "memory", "object_store")))
-            raise ConfigError(f"ray.num_workers/ray.resources_per_worker: {n} workers × {{{key}: {amount:g}}} need {key} {amount * n:g} "
+            shown = ", ".join(f"{k}: {v:g}" for k,
+                              v in sorted(have.items()) if not k.startswith(("node:", "memory", "object_store")))
+            raise ConfigError(f"ray.num_workers/ray.resources_per_worker: {n} workers × {{{key}: {amount:g}}} need "
+                              f"{key} {amount * n:g} "
                               f"but {where} has {{{shown}}}; accepted: fewer workers or smaller resources_per_worker"
                               + ("" if key != "GPU" else ", or ray.use_gpu=false"))
 

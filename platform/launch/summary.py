@@ -21,7 +21,8 @@ def held_out_changes(client, run_id: str) -> list[tuple[str, float, float, int, 
     for key in sorted(k for k in run.data.metrics if k.startswith("eval/")):
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
         if history:
-            rows.append((key.removeprefix("eval/"), history[0].value, history[-1].value, history[0].step, history[-1].step))
+            first, last = history[0], history[-1]
+            rows.append((key.removeprefix("eval/"), first.value, last.value, first.step, last.step))
     return rows
 
 
@@ -57,9 +58,11 @@ def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: O
     if grids:
         lines.append(f"  samples: runs:/{outcome.mlflow_run_id}/{grids[0][1]}" +
                      (f" → {grids[-1][1]}" if len(grids) > 1 else ""))
-    lora = "lora/final" if any(a.path == "lora/final" for a in client.list_artifacts(outcome.mlflow_run_id, "lora")) else None
+    logged = {a.path for a in client.list_artifacts(outcome.mlflow_run_id, "lora")}
+    lora = "lora/final" if "lora/final" in logged else None
     if lora:
-        lines.append(f"  LoRA: runs:/{outcome.mlflow_run_id}/{lora}" + (f"   MLflow Model: {model_uri}" if model_uri else "")
+        lines.append(f"  LoRA: runs:/{outcome.mlflow_run_id}/{lora}"
+                     + (f"   MLflow Model: {model_uri}" if model_uri else "")
                      + (f" (registered: {registered})" if registered else ""))
     lines.append(f"[alignprop] last checkpoint: {outcome.checkpoint_path}")
     lines.append(f"  UI: {ui_hint(outcome.tracking_uri, run.info.experiment_id, outcome.mlflow_run_id)}")
@@ -70,6 +73,7 @@ def print_summary(outcome: Any) -> None:
     try:
         lines = closing_summary(outcome, getattr(outcome, "model_uri", None), getattr(outcome, "registered", None))
     except Exception as err:  # the run is done; a tracking hiccup must not turn it into an error
-        lines = [f"[alignprop] done: run {outcome.run_name}, mlflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}",
+        lines = [f"[alignprop] done: run {outcome.run_name}, mlflow run {outcome.mlflow_run_id} at "
+                 f"{outcome.tracking_uri}",
                  f"[alignprop] last checkpoint: {outcome.checkpoint_path}", f"  (summary unavailable: {err})"]
     print("\n".join(lines), flush=True)

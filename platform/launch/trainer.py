@@ -42,7 +42,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         recipe = AlignPropRecipe(cfg, WorkerContext(
             rank=context.get_world_rank(), world_size=context.get_world_size(),
             device=ray.train.torch.get_device(), report=report, resume_dir=resume_dir,
-            tracking_uri=config["tracking_uri"], run_id=config["run_id"], progress_lines=config.get("progress_lines", False),
+            tracking_uri=config["tracking_uri"], run_id=config["run_id"], progress_lines=config.get(
+                "progress_lines", False),
         )).setup()
     recipe.train()
 
@@ -73,7 +74,8 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
                            "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
                                             if cfg.trainer.eval_prompt_file else None)},
         # On our loopback Ray the c10d rendezvous listens on 127.0.0.1 too (platform/launch/loopback.py).
-        torch_config=(LoopbackTorchConfig if on_loopback_node() else TorchConfig)(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        torch_config=(LoopbackTorchConfig if on_loopback_node() else TorchConfig)(
+            backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker=dict(cfg.ray.resources_per_worker) or None,

@@ -3,7 +3,7 @@ transformer of sd3; trainers/families.py).
 
 | module | holds |
 |---|---|
-| `pipelines.py` | `load_pipeline` (hub id, local directory, `toy-world`, tiny, full-size arch), family detection, LoRA target names |
+| `pipelines.py` | `load_pipeline` (hub id, local dir, `toy-world`, tiny, full-size), family detection, LoRA targets |
 | `lora.py` | `add_lora`, `save_lora` (diffusers' format, with rank/alpha metadata) |
 | `tiny.py`, `tiny_families.py` | tiny offline pipelines of each family (random, seeded weights) |
 | `full_size.py` | the published SD 1.5 / SD 2.1 architectures with random weights (`model.arch`) |
@@ -18,6 +18,7 @@ from .pipelines import (DTYPES, TOY_WORLD_MODEL, denoiser_module_names, load_pip
                         resolve_family)
 from .tiny import TINY_SEED, build_tiny, build_tiny_pipeline, build_tiny_tokenizer, cast_modules, save_tiny_pipeline
 
-__all__ = ["DTYPES", "LORA_WEIGHTS_NAME", "TINY_SEED", "TOY_WORLD_MODEL", "add_lora", "build_tiny", "build_tiny_pipeline",
+__all__ = ["DTYPES", "LORA_WEIGHTS_NAME", "TINY_SEED", "TOY_WORLD_MODEL", "add_lora", "build_tiny",
+           "build_tiny_pipeline",
            "build_tiny_tokenizer", "cast_modules", "denoiser_module_names", "load_pipeline", "lora_state_dict",
            "model_path", "pretrained_family", "resolve_family", "save_lora", "save_tiny_pipeline"]

@@ -3,7 +3,7 @@ every path (memory, speed, sharding, checkpoint I/O) can run at real size withou
 
     alignprop train --config tiny-cpu model.tiny=false model.arch=sd15 sampling.resolution=64
 
-    from alignprop.platform.models.full_size import build_arch_pipeline
+    from .full_size import build_arch_pipeline
     pipe = build_arch_pipeline("sd15", seed=0, dtype=torch.float16)   # a StableDiffusionPipeline
     pipe.save_pretrained("/tmp/sd15-random")                          # loads back offline
 

@@ -51,7 +51,8 @@ def pretrained_family(name: str, revision: str | None = None, local_only: bool =
         if path.is_dir():
             index = json.loads((path / "model_index.json").read_text())
         else:
-            with warnings.catch_warnings():  # huggingface_hub: "local_dir_use_symlinks is deprecated" (diffusers passes it)
+            # huggingface_hub: "local_dir_use_symlinks is deprecated" (diffusers passes it)
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 index = DiffusionPipeline.load_config(name, revision=revision, local_files_only=local_only)
     except (OSError, ValueError):
@@ -133,6 +134,7 @@ def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revis
         else:
             model = cls.from_config(config)
     modules = dict(model.named_modules())
-    leaf = lambda name: ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]  # noqa: E731
+    # noqa: E731
+    leaf = lambda name: ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
     linear = sorted({leaf(n) for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
     return frozenset(modules), tuple(linear)

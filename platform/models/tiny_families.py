@@ -21,7 +21,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
+                          T5EncoderModel)
 
 TEXT_DIM = 32  # each tiny CLIP's hidden size (SDXL concatenates two: 64)
 

@@ -67,7 +67,8 @@ def parse_sweep(text: str) -> list[float]:
         raise bad
     ratio = (stop - start) / step
     if not math.isfinite(ratio) or ratio + 1 > MAX_ALPHAS:
-        raise ConfigError(f"--sweep: got {text!r} (more than {MAX_ALPHAS} values of α); accepted: {SWEEP_ACCEPTED}, at most {MAX_ALPHAS} values")
+        raise ConfigError(f"--sweep: got {text!r} (more than {MAX_ALPHAS} values of α); accepted: {SWEEP_ACCEPTED}, "
+                          f"at most {MAX_ALPHAS} values")
     count = math.floor(ratio + 1e-9) + 1  # points of start + i·step not past stop
     alphas = [round(start + i * step, 10) for i in range(count)]
     alphas = [a for a in alphas if a < stop - 1e-9]
@@ -79,13 +80,16 @@ def check_sweep_args(sweep: str, loras: Sequence[str], weights: Optional[Sequenc
     """Everything checkable from the command line alone (before any file, model or store is touched)."""
     alphas = parse_sweep(sweep)
     if len(loras) != 2:
-        raise ConfigError(f"--lora: got {len(loras)} adapters with --sweep; accepted: exactly two (--lora A --lora B; either may be {BASE!r}, the base model)")
+        raise ConfigError(f"--lora: got {len(loras)} adapters with --sweep; accepted: exactly two (--lora A --lora "
+                          f"B; either may be {BASE!r}, the base model)")
     if all(is_base(x) for x in loras):
         raise ConfigError(f"--lora: both adapters are {BASE!r}; accepted: at least one trained adapter beside {BASE!r}")
     if weights:
-        raise ConfigError("--weights: not used with --sweep (the weights are α and 1 − α); accepted: --sweep start:stop:step alone")
+        raise ConfigError("--weights: not used with --sweep (the weights are α and 1 − α); accepted: --sweep "
+                          "start:stop:step alone")
     if not config:
-        raise ConfigError("--config: required with --sweep (its pipeline, sampling settings, rewards and eval prompts are used); accepted: a preset or a YAML path")
+        raise ConfigError("--config: required with --sweep (its pipeline, sampling settings, rewards and eval "
+                          "prompts are used); accepted: a preset or a YAML path")
     if mode is not None and mode not in MODES:
         raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
     return alphas
@@ -200,7 +204,8 @@ def format_table(rows: Sequence[dict[str, float]], labels: Sequence[str]) -> str
     width = max([8, *(len(label) for label in labels)]) + 2
     lines = ["alpha".ljust(8) + "".join(label.rjust(width) for label in labels)]
     for row in rows:
-        lines.append(format_alpha(row["alpha"]).ljust(8) + "".join(f"{row[label]:.6f}".rjust(width) for label in labels))
+        cells = "".join(f"{row[label]:.6f}".rjust(width) for label in labels)
+        lines.append(format_alpha(row["alpha"]).ljust(8) + cells)
     return "\n".join(lines)
 
 
@@ -229,7 +234,8 @@ def run_soup_sweep(cfg: RunConfig, loras: Sequence[str], lora_names: Sequence[st
               "config": cfg.name, "rewards": ",".join(labels)}
     run_name = f"soup-sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # always a new run
     result = SweepResult(run_id="", tracking_uri=tracking_uri, labels=labels)
-    with tracked_run(tracking_uri, experiment, run_name, params, to_yaml(cfg), tags={SWEEP_TAG: "soup-sweep"}) as run_id:
+    with tracked_run(tracking_uri, experiment, run_name, params, to_yaml(cfg),
+                     tags={SWEEP_TAG: "soup-sweep"}) as run_id:
         from mlflow.entities import Metric
 
         result.run_id = run_id

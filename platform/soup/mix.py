@@ -65,7 +65,8 @@ def lora_weights_file(path: str | Path, source: Optional[str] = None) -> Path:
             list(f.keys())
     except Exception as err:  # SafetensorError, OSError, ...: not a safetensors file
         reason = " ".join(str(err).split())[:120]
-        raise ConfigError(f"--lora: {file}{origin} is not in safetensors format ({reason}); accepted: {LORA_ACCEPTED}") from None
+        raise ConfigError(f"--lora: {file}{origin} is not in safetensors format ({reason}); "
+                          f"accepted: {LORA_ACCEPTED}") from None
     return file
 
 
@@ -76,11 +77,14 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         state = {k: f.get_tensor(k) for k in f.keys()}
         raw = (f.metadata() or {}).get(METADATA_KEY)
     if not _pairs(state):
-        raise ConfigError(f"--lora: {file} holds no LoRA weights (no lora_A/lora_B or lora.down/lora.up tensors); accepted: {LORA_ACCEPTED}")
+        raise ConfigError(f"--lora: {file} holds no LoRA weights (no lora_A/lora_B or lora.down/lora.up tensors); "
+                          f"accepted: {LORA_ACCEPTED}")
     try:
-        meta = json.loads(raw) if raw else {}  # diffusers prefixes each key with the component: "unet.r", "transformer.r"
+        # diffusers prefixes each key with the component: "unet.r", "transformer.r"
+        meta = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
-        raise ConfigError(f"--lora: {file} has unreadable {METADATA_KEY} metadata; accepted: an adapter saved by alignprop or diffusers") from None
+        raise ConfigError(f"--lora: {file} has unreadable {METADATA_KEY} metadata; accepted: an adapter saved by "
+                          "alignprop or diffusers") from None
     return state, {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in meta.items()}
 
 
@@ -109,7 +113,8 @@ def mix_delta(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) -
     """Exact mix of the low-rank updates, stacked along the rank; scale folded into B (alpha = rank)."""
     modules = [_pairs(state) for state, _ in adapters]
     if any(m.keys() != modules[0].keys() for m in modules):
-        raise ConfigError("--lora: the adapters target different modules; accepted: adapters of the same base model and lora.target_modules")
+        raise ConfigError("--lora: the adapters target different modules; accepted: adapters of the same base model "
+                          "and lora.target_modules")
     out = {}
     for prefix, (down_key, up_key) in modules[0].items():
         downs, ups = [], []
@@ -129,25 +134,31 @@ def mix_params(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) 
     first_state, first_meta = adapters[0]
     for state, meta in adapters[1:]:
         if state.keys() != first_state.keys() or any(state[k].shape != first_state[k].shape for k in state):
-            raise ConfigError("--mode params: adapters differ in modules or ranks; accepted: --mode delta for these adapters")
+            raise ConfigError("--mode params: adapters differ in modules or ranks; accepted: --mode delta for these "
+                              "adapters")
         if meta.get("lora_alpha") != first_meta.get("lora_alpha"):
-            raise ConfigError("--mode params: adapters have different lora_alpha; accepted: --mode delta for these adapters")
+            raise ConfigError("--mode params: adapters have different lora_alpha; accepted: --mode delta for these "
+                              "adapters")
     out = {k: sum(w * s[k].float() for (s, _), w in zip(adapters, weights)).contiguous() for k in first_state}
     return out, dict(first_meta)
 
 
-def check_soup_args(n_loras: int, weights: Sequence[float], mode: str = "delta", loras: Optional[Sequence[str]] = None) -> None:
+def check_soup_args(n_loras: int, weights: Sequence[float], mode: str = "delta",
+                    loras: Optional[Sequence[str]] = None) -> None:
     """One-line ConfigError for bad counts, non-finite weights, an unknown mode or only `base`
     adapters (before any I/O)."""
     if n_loras < 2 or n_loras != len(weights):
-        raise ConfigError(f"--weights: got {len(weights)} weights for {n_loras} adapters; accepted: one weight per --lora, at least two adapters")
+        raise ConfigError(f"--weights: got {len(weights)} weights for {n_loras} adapters; accepted: one weight per "
+                          "--lora, at least two adapters")
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
     if bad:
-        raise ConfigError(f"--weights: got {', '.join(str(w) for w in bad)}; accepted: finite numbers, one per --lora (e.g. 0.7 0.3)")
+        raise ConfigError(f"--weights: got {', '.join(str(w) for w in bad)}; accepted: finite numbers, one per "
+                          "--lora (e.g. 0.7 0.3)")
     if mode not in MODES:
         raise ConfigError(f"--mode: got {mode!r}; accepted: {', '.join(MODES)}")
     if loras is not None and all(is_base(x) for x in loras):
-        raise ConfigError(f"--lora: every adapter is {BASE!r}; accepted: at least one trained adapter beside {BASE!r} (the zero adapter)")
+        raise ConfigError(f"--lora: every adapter is {BASE!r}; accepted: at least one trained adapter beside "
+                          f"{BASE!r} (the zero adapter)")
 
 
 def is_base(lora: str | Path | None) -> bool:
@@ -166,12 +177,14 @@ def read_adapters(loras: Sequence[str | Path]) -> list[Optional[tuple[dict, dict
     return [None if is_base(x) else read_lora(x) for x in loras]
 
 
-def mix(adapters: Sequence[Optional[tuple[dict, dict]]], weights: Sequence[float], mode: str) -> tuple[dict[str, torch.Tensor], dict]:
+def mix(adapters: Sequence[Optional[tuple[dict, dict]]], weights: Sequence[float],
+        mode: str) -> tuple[dict[str, torch.Tensor], dict]:
     """sum_i w_i θ_i in `mode`; a None adapter is `base`: zeros shaped like the first trained one
     in params mode, left out in delta mode (its update B A = 0 · A is exactly zero)."""
     trained = [a for a in adapters if a is not None]
     if not trained:
-        raise ConfigError(f"--lora: every adapter is {BASE!r}; accepted: at least one trained adapter beside {BASE!r} (the zero adapter)")
+        raise ConfigError(f"--lora: every adapter is {BASE!r}; accepted: at least one trained adapter beside "
+                          f"{BASE!r} (the zero adapter)")
     if mode == "delta":
         kept = [(a, w) for a, w in zip(adapters, weights) if a is not None]
         return mix_delta([a for a, _ in kept], [w for _, w in kept])

@@ -90,7 +90,8 @@ def table(groups: dict[str, dict[str, np.ndarray]], spec) -> tuple[str, list[dic
         rows.append({"method": label, "seeds": len(curve["metric"]), "final_mean": float(curve["metric"][:, -1].mean()),
                      "final_std": float(curve["metric"][:, -1].std()), "images_to_reach": images,
                      "images_vs_baseline": images / base_images if base_images else math.nan,
-                     "seconds_to_reach": seconds, "seconds_vs_baseline": seconds / base_seconds if base_seconds else math.nan})
+                     "seconds_to_reach": seconds,
+                     "seconds_vs_baseline": seconds / base_seconds if base_seconds else math.nan})
     return baseline, rows
 
 
@@ -98,11 +99,13 @@ def reach_matrix(groups: dict[str, dict[str, np.ndarray]], spec) -> list[dict[st
     """Images each method (row) needs to reach each method's (column) final mean: informative
     where the baseline's own final value is no better than the base model's (every method: 0)."""
     finals = {label: float(curve["metric"][:, -1].mean()) for label, curve in groups.items()}
-    return [{"method": row, **{col: _first_reaching(groups[row], finals[col], spec.mode, "images_seen") for col in groups}}
+    return [{"method": row,
+             **{col: _first_reaching(groups[row], finals[col], spec.mode, "images_seen") for col in groups}}
             for row in groups]
 
 
-def markdown(baseline: str, rows: list[dict[str, Any]], metric: str, target: float, matrix: list[dict[str, Any]] = ()) -> str:
+def markdown(baseline: str, rows: list[dict[str, Any]], metric: str, target: float,
+             matrix: list[dict[str, Any]] = ()) -> str:
     def num(v, fmt, missing="not reached"):
         return missing if isinstance(v, float) and math.isnan(v) else format(v, fmt)
 
@@ -111,8 +114,10 @@ def markdown(baseline: str, rows: list[dict[str, Any]], metric: str, target: flo
              "| method | seeds | final (mean ± std) | images to reach | × baseline | seconds to reach | × baseline |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['seeds']} | {r['final_mean']:.4g} ± {r['final_std']:.2g} | {num(r['images_to_reach'], '.0f')} | "
-                     f"{num(r['images_vs_baseline'], '.2f', '—')} | {num(r['seconds_to_reach'], '.0f')} | {num(r['seconds_vs_baseline'], '.2f', '—')} |")
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['final_mean']:.4g} ± {r['final_std']:.2g} | "
+                     f"{num(r['images_to_reach'], '.0f')} | "
+                     f"{num(r['images_vs_baseline'], '.2f', '—')} | {num(r['seconds_to_reach'], '.0f')} | "
+                     f"{num(r['seconds_vs_baseline'], '.2f', '—')} |")
     if matrix:
         columns = [c for c in matrix[0] if c != "method"]
         lines += ["", "Images each method (row) needs to reach each method's final mean (column):", "",
@@ -154,7 +159,7 @@ def write(client, parent_id: str, children: dict[str, Any], rows: list[dict[str,
     target = float(groups[baseline]["metric"][:, -1].mean())
     matrix = reach_matrix(groups, spec)
     text = markdown(baseline, table_rows, spec.metric, target, matrix)
-    figure, csv_path, md_path = (Path(tmp) / name for name in ("sample_efficiency.png", "sample_efficiency.csv", "sample_efficiency.md"))
+    figure, csv_path, md_path = (Path(tmp) / f"sample_efficiency.{suffix}" for suffix in ("png", "csv", "md"))
     plot(groups, spec, figure)
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))

@@ -76,7 +76,8 @@ def space_path(name_or_path: str) -> Path:
     shipped = SPACE_DIR / f"{path.stem}.yaml"
     if shipped.is_file() and (path.suffix == "" or path.parent.name == "tune_spaces"):
         return shipped
-    raise ConfigError(f"--space: no such file or shipped space {name_or_path!r}; accepted: a YAML path or one of {', '.join(list_spaces())}")
+    raise ConfigError(f"--space: no such file or shipped space {name_or_path!r}; accepted: a YAML path or one of "
+                      f"{', '.join(list_spaces())}")
 
 
 def load_space(name_or_path: str, cfg: RunConfig) -> SweepSpec:
@@ -93,10 +94,14 @@ def load_space(name_or_path: str, cfg: RunConfig) -> SweepSpec:
     _check(spec.mode in ("max", "min"), "mode", f"got {_short(spec.mode)}; accepted: max, min")
     _check(spec.scheduler in ("asha", "none"), "scheduler", f"got {_short(spec.scheduler)}; accepted: asha, none")
     _check(spec.search in ("random", "optuna"), "search", f"got {_short(spec.search)}; accepted: random, optuna")
-    _check(_is_int(spec.grace_period) and spec.grace_period >= 1, "grace_period", f"got {_short(spec.grace_period)}; accepted: an integer >= 1")
-    _check(_is_int(spec.reduction_factor) and spec.reduction_factor >= 2, "reduction_factor", f"got {_short(spec.reduction_factor)}; accepted: an integer >= 2")
+    _check(_is_int(spec.grace_period) and spec.grace_period >= 1, "grace_period",
+           f"got {_short(spec.grace_period)}; accepted: an integer >= 1")
+    _check(_is_int(spec.reduction_factor) and spec.reduction_factor >= 2, "reduction_factor",
+           f"got {_short(spec.reduction_factor)}; accepted: an integer >= 2")
     _check(_is_int(spec.seed), "seed", f"got {_short(spec.seed)}; accepted: an integer")
-    _check(isinstance(spec.metric, str) and (spec.metric in _known_metrics(cfg) or spec.metric.startswith(("eval/", "eval_ema/", "reward/"))),
+    known = isinstance(spec.metric, str) and (spec.metric in _known_metrics(cfg)
+                                              or spec.metric.startswith(("eval/", "eval_ema/", "reward/")))
+    _check(known,
            "metric", f"got {_short(spec.metric)}; accepted: {', '.join(_known_metrics(cfg))}")
     _check(bool(spec.space), "space", f"empty in {path.name}; accepted: {SPACE_ACCEPTED}")
     paths = flatten(to_dict(cfg))
@@ -107,7 +112,8 @@ def load_space(name_or_path: str, cfg: RunConfig) -> SweepSpec:
         _validate_domain(key, domain, paths, path.name)
         _validate_type(key, domain, paths)
     if spec.search == "optuna" and any(d["space"] == "grid_search" for d in spec.space.values()):
-        raise ConfigError("search: optuna cannot sample grid_search spaces; accepted: random with grid_search, or choice with optuna")
+        raise ConfigError("search: optuna cannot sample grid_search spaces; accepted: random with grid_search, or "
+                          "choice with optuna")
     _validate_combinations(spec.space, cfg)
     return spec
 
@@ -122,7 +128,8 @@ def _read_yaml(path: Path) -> dict:
         problem = " ".join(str(getattr(err, "problem", None) or err).split())
         raise ConfigError(f"{path.name}: not valid YAML ({where}{problem}); accepted: {FILE_ACCEPTED}") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path.name}: cannot read it as text ({type(err).__name__}); accepted: {FILE_ACCEPTED}") from None
+        raise ConfigError(f"{path.name}: cannot read it as text ({type(err).__name__}); "
+                          f"accepted: {FILE_ACCEPTED}") from None
     if data is None:
         raise ConfigError(f"{path.name}: empty file; accepted: {FILE_ACCEPTED}")
     if not isinstance(data, dict):
@@ -166,22 +173,32 @@ def _known_metrics(cfg: RunConfig) -> list[str]:
 
 def _validate_domain(key: Any, domain: Any, paths: dict[str, Any], file: str = "the space file") -> None:
     where = f"space.{key}"
-    _check(key in paths, where, f"unknown config path; accepted: a key of the config such as {', '.join(p for p in paths if p.startswith(('optim.', 'truncation.')))}, rewards.<name>.weight")
+    _check(key in paths, where, "unknown config path; accepted: a key of the config such as "
+           f"{', '.join(p for p in paths if p.startswith(('optim.', 'truncation.')))}, rewards.<name>.weight")
     _check(isinstance(domain, dict) and isinstance(domain.get("space"), str) and domain["space"] in SPACE_TYPES, where,
            f"got {_short(domain)} in {file}; accepted: a mapping {{space: {'|'.join(SPACE_TYPES)}, ...}}")
     kind, needed = domain["space"], SPACE_TYPES[domain["space"]]
     extra = set(domain) - {"space", *needed}
-    _check(not extra and all(k in domain for k in needed), where, f"{kind} takes exactly {', '.join(needed)}; accepted: {{space: {kind}, {', '.join(f'{k}: ...' for k in needed)}}}")
+    _check(not extra and all(k in domain for k in needed), where,
+           f"{kind} takes exactly {', '.join(needed)}; accepted: "
+           f"{{space: {kind}, {', '.join(f'{k}: ...' for k in needed)}}}")
     if "lower" in needed:
         for name in needed:  # YAML reads 1e-4 (no dot) as a string: take it as the number it spells
             if _numeric_text(domain[name]):
                 domain[name] = float(domain[name])
         lower, upper = domain["lower"], domain["upper"]
-        _check(all(_is_number(v) for v in (lower, upper)), where, f"lower and upper must be numbers, got {_short(lower)} and {_short(upper)}; accepted: finite numbers with lower < upper")
-        _check(all(math.isfinite(v) for v in (lower, upper)), where, f"got lower={lower}, upper={upper}; accepted: finite numbers with lower < upper")
-        _check(lower < upper, where, f"lower ({lower}) must be < upper ({upper}); accepted: finite numbers with lower < upper")
-        _check(kind != "loguniform" or lower > 0, where, f"loguniform needs lower > 0, got {lower}; accepted: 0 < lower < upper")
-        _check(kind != "randint" or all(_is_int(v) for v in (lower, upper)), where, f"randint bounds must be integers (upper exclusive), got {lower} and {upper}; accepted: integers with lower < upper")
+        _check(all(_is_number(v) for v in (lower, upper)), where,
+               f"lower and upper must be numbers, got {_short(lower)} and {_short(upper)}; accepted: finite numbers "
+               "with lower < upper")
+        _check(all(math.isfinite(v) for v in (lower, upper)), where,
+               f"got lower={lower}, upper={upper}; accepted: finite numbers with lower < upper")
+        _check(lower < upper, where,
+               f"lower ({lower}) must be < upper ({upper}); accepted: finite numbers with lower < upper")
+        _check(kind != "loguniform" or lower > 0, where,
+               f"loguniform needs lower > 0, got {lower}; accepted: 0 < lower < upper")
+        _check(kind != "randint" or all(_is_int(v) for v in (lower, upper)), where,
+               f"randint bounds must be integers (upper exclusive), got {lower} and {upper}; accepted: integers with "
+               "lower < upper")
         if kind == "quniform":
             q = domain["q"]
             _check(_is_number(q) and math.isfinite(q) and 0 < q <= upper - lower, where,
@@ -189,7 +206,8 @@ def _validate_domain(key: Any, domain: Any, paths: dict[str, Any], file: str = "
     else:
         name = needed[0]
         values = domain[name]
-        _check(isinstance(values, list) and len(values) > 0, where, f"{name} must be a non-empty list; accepted: {{space: {kind}, {name}: [...]}}")
+        _check(isinstance(values, list) and len(values) > 0, where,
+               f"{name} must be a non-empty list; accepted: {{space: {kind}, {name}: [...]}}")
         for value in values:
             _check(_finite(value), where, f"{name} holds {_short(value)}; accepted: finite values (no .inf or .nan)")
 
@@ -253,7 +271,8 @@ def _fits(value: Any, ftype: str, optional: bool) -> bool:
         return optional
     return {
         "int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str), "list": lambda v: isinstance(v, list), "dict": lambda v: isinstance(v, dict),
+        "str": lambda v: isinstance(v, str), "list": lambda v: isinstance(v, list),
+        "dict": lambda v: isinstance(v, dict),
     }[ftype](value)
 
 
@@ -278,9 +297,11 @@ def _validate_type(key: str, domain: dict, paths: dict[str, Any]) -> None:
         if ftype == "float":  # YAML reads 1e-5 (no dot) as a string: take it as the number it spells
             domain[name] = [float(v) if _numeric_text(v) else v for v in domain[name]]
         for value in domain[name]:
-            hint = " (YAML reads a number without a dot, like 1e-4, as a string: write 1.0e-4)" if _numeric_text(value) else ""
+            hint = (" (YAML reads a number without a dot, like 1e-4, as a string: write 1.0e-4)"
+                    if _numeric_text(value) else "")
             _check(_fits(value, ftype, optional), where,
-                   f"{name} holds {_short(value)} ({type(value).__name__}) but {key} is {what}{hint}; accepted: {accepted}")
+                   f"{name} holds {_short(value)} ({type(value).__name__}) but {key} is {what}{hint}; accepted: "
+                   f"{accepted}")
         return
     samples = "floats" if kind in _FLOAT_SPACES else "integers"
     _check(ftype == "float" or (ftype == "int" and kind == "randint"), where,
@@ -330,7 +351,8 @@ def _pairwise_rows(extremes: dict[str, list]) -> list[dict[str, Any]]:
         chosen = {i: a, j: b}
         for k in range(len(keys)):
             if k not in chosen:
-                gain = lambda v: sum(((m, chosen[m], k, v) if m < k else (k, v, m, chosen[m])) in uncovered for m in chosen)  # noqa: E731
+                gain = lambda v: sum(  # noqa: E731
+                    ((m, chosen[m], k, v) if m < k else (k, v, m, chosen[m])) in uncovered for m in chosen)
                 chosen[k] = max(range(sizes[k]), key=gain)
         uncovered -= {(m, chosen[m], n, chosen[n]) for m, n in itertools.combinations(range(len(keys)), 2)}
         rows.append({keys[k]: extremes[keys[k]][chosen[k]] for k in range(len(keys))})

@@ -28,7 +28,11 @@ def _rows(results, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
         row.update({key: (result.config or {}).get(key) for key in spec.space})
         rows.append(row)
     sign = -1 if spec.mode == "max" else 1
-    return sorted(rows, key=lambda r: (math.isnan(r[spec.metric]), sign * (0 if math.isnan(r[spec.metric]) else r[spec.metric])))
+    def order(row):  # NaN last
+        value = row[spec.metric]
+        return math.isnan(value), sign * (0 if math.isnan(value) else value)
+
+    return sorted(rows, key=order)
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -52,7 +56,8 @@ def _plot(rows: list[dict[str, Any]], spec: SweepSpec, path: Path) -> None:
     for ax, key in zip(axes[0], keys):
         ok = [r for r in rows if not math.isnan(r[spec.metric]) and r[key] is not None]
         xs = [r[key] if isinstance(r[key], (int, float)) else str(r[key]) for r in ok]
-        ax.scatter(xs, [r[spec.metric] for r in ok], c=["tab:blue" if r["status"] == "complete" else "tab:orange" for r in ok])
+        ax.scatter(xs, [r[spec.metric] for r in ok],
+                   c=["tab:blue" if r["status"] == "complete" else "tab:orange" for r in ok])
         if spec.space[key]["space"] == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(key)
@@ -93,7 +98,8 @@ def summarize(results, spec: SweepSpec, max_steps: int, uri: str, parent_id: str
             efficiency = sample_efficiency.write(client, parent_id, children, rows, spec, tmp)
     client.log_metric(parent_id, "sweep/trials", len(rows))
     client.log_metric(parent_id, "sweep/concurrency", concurrency)
-    return {"rows": rows, "best": best, "parent_run_id": parent_id, "concurrency": concurrency, "sample_efficiency": efficiency}
+    return {"rows": rows, "best": best, "parent_run_id": parent_id, "concurrency": concurrency,
+            "sample_efficiency": efficiency}
 
 
 def close_child_runs(uri: str, parent_id: str, status: str) -> None:
@@ -123,10 +129,13 @@ def _export_best(client, uri: str, parent_id: str, child, best: dict, spec: Swee
     client.set_tag(parent_id, "alignprop.best_trial_id", best["trial_id"])
     client.set_tag(parent_id, "alignprop.best_run_id", child.info.run_id)
     client.log_metric(parent_id, f"best/{spec.metric}", best[spec.metric])
-    config = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="config.yaml", dst_path=tmp, tracking_uri=uri)
+    config = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="config.yaml", dst_path=tmp,
+                                                 tracking_uri=uri)
     client.log_text(parent_id, Path(config).read_text(), "best_config.yaml")
-    lora = "lora/best" if any(a.path == "lora/best" for a in client.list_artifacts(child.info.run_id, "lora")) else "lora/final"
-    local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=lora, dst_path=str(Path(tmp) / "lora"), tracking_uri=uri)
+    logged = {a.path for a in client.list_artifacts(child.info.run_id, "lora")}
+    lora = "lora/best" if "lora/best" in logged else "lora/final"
+    local = mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path=lora,
+                                                dst_path=str(Path(tmp) / "lora"), tracking_uri=uri)
     client.log_artifacts(parent_id, local, "best_lora")
     if register_as:
         child_id = child.info.run_id

@@ -35,12 +35,15 @@ def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
     cfg = apply_params(from_dict(base), params)
     cfg.tracking.run_name = f"{sweep['name']}-{trial_id}"
     tags = {**sweep["context_tags"],  # the driver's user/source/commit: in a trial, argv is Ray's worker
-            "mlflow.parentRunId": sweep["parent_run_id"], "alignprop.sweep": sweep["name"], "alignprop.trial_id": trial_id}
-    with tracked_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg), tags,
+            "mlflow.parentRunId": sweep["parent_run_id"], "alignprop.sweep": sweep["name"],
+            "alignprop.trial_id": trial_id}
+    with tracked_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg),
+                     tags,
                      datasets=prompt_sets(cfg)) as run_id:
         build_trainer(cfg, sweep["tracking_uri"], run_id, callbacks=[TuneReportCallback()],
                       storage_path=sweep["trials_path"]).fit()
-        log_run_model(sweep["tracking_uri"], run_id)  # runs:/<run_id>/model; for a trial the scheduler stops, the summary logs it
+        # runs:/<run_id>/model; for a trial the scheduler stops, the summary logs it
+        log_run_model(sweep["tracking_uri"], run_id)
 
 
 def _scheduler(spec: SweepSpec, max_steps: int):
@@ -91,7 +94,8 @@ class TrialProgress(Callback):
 
 
 def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Optional[int] = None,
-              sweep_name: Optional[str] = None, register_as: Optional[str] = None, trial_retries: int = 0) -> dict[str, Any]:
+              sweep_name: Optional[str] = None, register_as: Optional[str] = None,
+              trial_retries: int = 0) -> dict[str, Any]:
     """Run (or resume) the sweep; returns the summary (also logged to the MLflow parent run).
 
     Failures nest: `ray.max_failures` restarts a trial's Train workers from its last checkpoint;
@@ -119,13 +123,15 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
 
 
 def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Optional[int], name: str,
-         register_as: Optional[str], trial_retries: int, uri: str, experiment: str, storage: str, parent_id: str) -> dict[str, Any]:
+         register_as: Optional[str], trial_retries: int, uri: str, experiment: str, storage: str,
+         parent_id: str) -> dict[str, Any]:
     """Build (or restore) the Tuner, run it, summarise into the parent run."""
     from ray import tune
 
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,
-             "trials_path": f"{storage}/{name}/trials", "context_tags": run_context_tags()}  # local path or s3://, gs:// alike
+             "trials_path": f"{storage}/{name}/trials",
+             "context_tags": run_context_tags()}  # local path or s3://, gs:// alike
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep), {"CPU": TRIAL_CPU})
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):

@@ -15,9 +15,9 @@ toy-world`).
 """
 
 from .scenes import (BACKGROUNDS, COLOURS, COUNTS, GAP, HELDOUT_CAPTIONS, SHAPES, SHIPPED_DIR, SIZE, TRAIN_CAPTIONS,
-                     Caption, Scene, all_captions, batch, parse_caption, prompt_colour, prompt_count, render, sample_scene,
-                     shown_path, to_tensor)
+                     Caption, Scene, all_captions, batch, parse_caption, prompt_colour, prompt_count, render,
+                     sample_scene, shown_path, to_tensor)
 
 __all__ = ["BACKGROUNDS", "COLOURS", "COUNTS", "GAP", "HELDOUT_CAPTIONS", "SHAPES", "SHIPPED_DIR", "SIZE",
-           "TRAIN_CAPTIONS", "Caption", "Scene", "all_captions", "batch", "parse_caption", "prompt_colour", "prompt_count",
-           "render", "sample_scene", "shown_path", "to_tensor"]
+           "TRAIN_CAPTIONS", "Caption", "Scene", "all_captions", "batch", "parse_caption", "prompt_colour",
+           "prompt_count", "render", "sample_scene", "shown_path", "to_tensor"]

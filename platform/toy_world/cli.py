@@ -31,7 +31,8 @@ _BUILD_FLAGS = {
     "decay_share": (float, "share of each phase's steps that decays the learning rate linearly to 0 (default 0.4)"),
     "snr_gamma": (float, "min-SNR-γ weighting of the loss (default 5; 0: plain MSE)"),
     "zero_snr": (lambda v: {"true": True, "false": False}[v.lower()],
-                 "true (default): v-prediction on a zero-terminal-SNR schedule, trailing DDIM; false: ε on SD's schedule"),
+                 "true (default): v-prediction on a zero-terminal-SNR schedule, trailing DDIM; false: ε on SD's "
+                 "schedule"),
     "caption_dropout": (float, "share of empty captions, for classifier-free guidance (default 0.1)"),
     "count_weights": (str, "share of the UNet's images per count one..four (default 1,2,3,3)"),
     "dataset_size": (int, "encoded images the UNet trains on (default 16384)"),
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> None:
         print(SHIPPED_DIR)
     elif args.action == "build":
         if not args.dir:
-            raise ConfigError("toy-world build: DIR missing; accepted: alignprop toy-world build DIR [--seed N] [--budget-min M]")
+            raise ConfigError("toy-world build: DIR missing; accepted: alignprop toy-world build DIR [--seed N] "
+                              "[--budget-min M]")
         from .pretrain import BuildOptions, build
 
         opts = BuildOptions(**{name: getattr(args, name) for name in _BUILD_FLAGS if getattr(args, name) is not None})
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
 
         directory = Path(args.dir or SHIPPED_DIR)
         if not (directory / "model_index.json").exists():
-            raise ConfigError(f"toy-world build-rewards: {directory} is not a built toy-world pipeline; accepted: a DIR "
+            raise ConfigError(f"toy-world build-rewards: {directory} is not a built toy-world pipeline; accepted: a "
+                              "DIR "
                               f"from `alignprop toy-world build DIR` (its VAE shapes the training images)")
         print(train_rewards(directory, seed=args.seed or 0, budget_min=args.budget_min or 3.0))
         print(directory / "rewards")
@@ -93,7 +96,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     directory = Path(args.dir or SHIPPED_DIR)
     if not (directory / "model_index.json").exists():
-        raise ConfigError(f"toy-world eval: {directory} is not a diffusers pipeline directory; accepted: a built toy-world DIR")
+        raise ConfigError(f"toy-world eval: {directory} is not a diffusers pipeline directory; accepted: a built "
+                          "toy-world DIR")
     if not 1 <= args.prompts <= len(HELDOUT_CAPTIONS) or args.seeds < 1 or args.steps < 1:
         raise ConfigError(f"--prompts/--seeds/--steps: got {args.prompts}/{args.seeds}/{args.steps}; "
                           f"accepted: 1 <= prompts <= {len(HELDOUT_CAPTIONS)}, seeds >= 1, steps >= 1")
@@ -106,4 +110,5 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(args.grid)
     if args.record:
         write_build_section(directory, "Quality bar", f"`alignprop toy-world eval {shown_path(directory)} --prompts "
-                                                      f"{args.prompts} --seeds {args.seeds}`: {line}", "Toy-world pipeline")
+                                                      f"{args.prompts} --seeds {args.seeds}`: {line}",
+                                                      "Toy-world pipeline")

@@ -28,7 +28,8 @@ from .scenes import COLOURS, parse_caption
 DIST_MIN = 0.3
 CHROMA_MIN = 0.15
 # pixels per 32×32 image, scaled with the image area. The smallest object (an 8-pixel triangle) has
-# 32 object pixels (measured on 1000 generated images); a component under 12 is a fragment. At 4, the fringe specks a sampled image can
+# 32 object pixels (measured on 1000 generated images); a component under 12 is a fragment. At 4, the fringe specks a
+# sampled image can
 # have along edges counted as objects (e.g. six in a clean picture of four circles).
 MIN_AREA = 12
 COLOUR_NAMES = tuple(COLOURS)
@@ -151,7 +152,8 @@ def evaluate(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0, 1), steps:
     the batch size. Prompts must follow the toy grammar (`parse_caption`)."""
     bad = [p for p in prompts if parse_caption(p) is None]
     if bad:
-        raise ValueError(f"prompt {bad[0]!r} does not follow the toy grammar '{{count}} {{colour}} {{shape}}[s] on a {{background}} background'")
+        raise ValueError(f"prompt {bad[0]!r} does not follow the toy grammar '{{count}} {{colour}} {{shape}}[s] on a "
+                         f"{{background}} background'")
     jobs = [(p, s, i) for s in seeds for i, p in enumerate(prompts)]
     images = []
     for start in range(0, len(jobs), batch_size):
@@ -162,7 +164,8 @@ def evaluate(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0, 1), steps:
         images.append(out.images.float().cpu())
     images = torch.cat(images)
     verdict = judge(images)
-    return QualityReport([p for p, _, _ in jobs], [s for _, s, _ in jobs], verdict.count.tolist(), verdict.colour, images)
+    return QualityReport([p for p, _, _ in jobs], [s for _, s, _ in jobs], verdict.count.tolist(), verdict.colour,
+                         images)
 
 
 def grid(images: torch.Tensor, columns: int = 8, scale: int = 4, captions: Sequence[str] | None = None):

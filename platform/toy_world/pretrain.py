@@ -3,7 +3,7 @@
     alignprop toy-world build DIR --seed 0 --budget-min 19      # → a diffusers directory in DIR
     alignprop toy-world build DIR2 --replay DIR/build.json          # repeat a build step for step
 
-Two phases on `platform/models/__init__.py`'s stock tiny UNet and VAE, with the stock frozen text encoder
+Two phases on `platform/models/tiny.py`'s stock tiny UNet and VAE, with the stock frozen text encoder
 plus one token per grammar word (`text.py`):
 1. VAE: reconstruction (MSE + KL_WEIGHT·KL) on freshly drawn toy images for `vae_share` of the
    budget. Then the latent scale (1 / std of the posterior means).
@@ -214,7 +214,8 @@ def _vae_step(vae, opt, opts: BuildOptions, step: int) -> float:
 
 @torch.no_grad()
 def _encode(vae, images: np.ndarray, chunk: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(to_tensor(images[i:i + chunk])).latent_dist.mean for i in range(0, len(images), chunk)])
+    chunks = (to_tensor(images[i:i + chunk]) for i in range(0, len(images), chunk))
+    return torch.cat([vae.encode(x).latent_dist.mean for x in chunks])
 
 
 @torch.no_grad()
@@ -311,7 +312,8 @@ class _Run:
         self.record = record or _fresh_record(opts)
         self.record["sessions"] += 1
         self.pipe = build_tiny_pipeline()
-        self.pipe.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config, **scheduler_config(opts))
+        self.pipe.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config,
+                                                                    **scheduler_config(opts))
         self.pipe.tokenizer, self.pipe.text_encoder = toy_text_components(self.pipe)
         _round_to_fp16(self.pipe.text_encoder)
         self.pipe.text_encoder.requires_grad_(False)
@@ -362,7 +364,8 @@ def _progress(run: _Run, bar, phase: str) -> Callable[[int, float], None]:
             record[loss_key].append([step, round(smooth[0], 5)])
         plan = record[f"{phase}_plan"]
         bar.set_description({"vae": "VAE", "unet": "UNet"}[phase])
-        bar.set_postfix_str(f"step {step}{'/' + str(plan['horizon']) if plan['horizon'] else ''}, loss {smooth[0]:.4f}, "
+        bar.set_postfix_str(f"step {step}{'/' + str(plan['horizon']) if plan['horizon'] else ''}, loss "
+                            f"{smooth[0]:.4f}, "
                             f"{torch.get_num_threads()} thread(s)", refresh=False)
         bar.update(max(0, min(bar.total, round(run.clock())) - bar.n))
         run.maybe_checkpoint()
@@ -485,7 +488,8 @@ class BuildResult:
         if self.quick_eval:
             lines.append(f"  judge (held-out, 25 DDIM steps, guidance 5): {self.quick_eval}")
         size = sum(f["bytes"] for f in self.files)
-        lines.append(f"  {len(self.files)} fp16 weight files, {size / 1e6:.1f} MB; sha256 in {self.directory / 'BUILD.md'}; "
+        lines.append(f"  {len(self.files)} fp16 weight files, {size / 1e6:.1f} MB; sha256 in "
+                     f"{self.directory / 'BUILD.md'}; "
                      f"replay step for step: --replay {self.directory / 'build.json'}")
         return "\n".join(lines)
 
@@ -499,11 +503,20 @@ def _objective(options: dict) -> str:
 
 def build_markdown(result: BuildResult, command: str) -> str:
     r, o = result.record, result.record["options"]
+    vae = (f"{r['vae_step']} steps × {o['vae_batch']}, AdamW lr {o['vae_lr']}, MSE + {KL_WEIGHT}·KL, "
+           f"{r['vae_s'] / 60:.1f} min ({phase_plan(r, 'vae')}); loss {r['vae_losses'][0][1]:.4f} → "
+           f"{r['vae_losses'][-1][1]:.4f}; held-out MSE {r['vae_heldout_mse']:.4f} (images in [-1, 1])")
+    unet = (f"{r['unet_step']} steps × {o['unet_batch']}, AdamW lr {o['unet_lr']}, {_objective(o)}, "
+            f"{o['caption_dropout']:.0%} empty captions, {o['dataset_size']} encoded images (counts one..four "
+            f"weighted {o.get('count_weights', '1,1,1,1')}), EMA {o['ema_decay']}, {r['unet_s'] / 60:.1f} min "
+            f"({phase_plan(r, 'unet')}); loss {r['unet_losses'][0][1]:.4f} → {r['unet_losses'][-1][1]:.4f}")
+    schedule = (f"both phases: {WARMUP} warm-up steps, constant, linear decay to 0 over the last "
+                f"{o['decay_share']:.0%} of the phase's time")
     return f"""# Toy-world pipeline
 
-The tiny SD-shaped pipeline of `platform/models/__init__.py` (stock UNet and VAE, the stock frozen text
+The tiny SD-shaped pipeline of `platform/models/tiny.py` (stock UNet and VAE, the stock frozen text
 encoder with one token per grammar word, DDIM), pretrained on the toy world
-(`platform/toy_world/__init__.py`) by:
+(`platform/toy_world/scenes.py`) by:
 
 ```bash
 {command}
@@ -519,10 +532,10 @@ step and the thread count from each step on), and
 | | value |
 |---|---|
 | seed | {o['seed']} |
-| VAE | {r['vae_step']} steps × {o['vae_batch']}, AdamW lr {o['vae_lr']}, MSE + {KL_WEIGHT}·KL, {r['vae_s'] / 60:.1f} min ({phase_plan(r, 'vae')}); loss {r['vae_losses'][0][1]:.4f} → {r['vae_losses'][-1][1]:.4f}; held-out MSE {r['vae_heldout_mse']:.4f} (images in [-1, 1]) |
+| VAE | {vae} |
 | latent scale | {r['scale']:.4f} (1 / std of the posterior means) |
-| UNet | {r['unet_step']} steps × {o['unet_batch']}, AdamW lr {o['unet_lr']}, {_objective(o)}, {o['caption_dropout']:.0%} empty captions, {o['dataset_size']} encoded images (counts one..four weighted {o.get('count_weights', '1,1,1,1')}), EMA {o['ema_decay']}, {r['unet_s'] / 60:.1f} min ({phase_plan(r, 'unet')}); loss {r['unet_losses'][0][1]:.4f} → {r['unet_losses'][-1][1]:.4f} |
-| schedule | both phases: {WARMUP} warm-up steps, constant, linear decay to 0 over the last {o['decay_share']:.0%} of the phase's time |
+| UNet | {unet} |
+| schedule | {schedule} |
 | wall time | {r['elapsed_s'] / 60:.1f} min in {r['sessions']} session(s) |
 | quick judge | {result.quick_eval or 'not run'} |
 

@@ -3,7 +3,8 @@
     alignprop toy-world build-rewards [DIR] --seed 0 --budget-min 3    # → DIR/rewards/toy_{count,color}.safetensors
 
 `toy_count` predicts a density map whose sum is the number of objects (target: one unit of mass
-per object, a Gaussian on its centre, as crowd-counting models do); `toy_color` predicts, per 2×2 cell, which palette colour (or the
+per object, a Gaussian on its centre, as crowd-counting models do); `toy_color` predicts, per 2×2 cell, which palette
+colour (or the
 background) covers it (target: the exact coverage of the drawn shapes). Both see toy images from
 every caption plus 5 % blank ones, a quarter of them passed through the pipeline's VAE (encode, decode:
 what decoded samples look like), with noise and a small colour cast. Like the paper's detector and
@@ -88,7 +89,8 @@ def augment(x: torch.Tensor, vae, generator: torch.Generator) -> torch.Tensor:
 
 def _losses(count_net: ToyNet, colour_net: ToyNet, x: torch.Tensor, truth: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     density = count_density(count_net, x)
-    count_loss = F.smooth_l1_loss(density.sum((1, 2)), truth.density.sum((1, 2))) + 100 * F.mse_loss(density, truth.density)
+    count_loss = F.smooth_l1_loss(density.sum((1, 2)), truth.density.sum((1, 2)))
+    count_loss = count_loss + 100 * F.mse_loss(density, truth.density)
     log_probs = colour_net(x).log_softmax(1)
     colour_loss = -(truth.coverage * log_probs).sum(1).mean()
     return count_loss, colour_loss
@@ -115,10 +117,12 @@ def train_rewards(directory: str | Path, seed: int = 0, budget_min: float = 3.0,
             (count_loss + colour_loss).backward()
             opt.step()
             step += 1
-            bar.set_postfix_str(f"step {step}, count loss {count_loss.item():.4f}, colour loss {colour_loss.item():.4f}", refresh=False)
+            bar.set_postfix_str(f"step {step}, count loss {count_loss.item():.4f}, colour loss "
+                                f"{colour_loss.item():.4f}", refresh=False)
             bar.update(min(bar.total, round(time.monotonic() - start)) - bar.n)
     rows = _save(out, count_net, colour_net)
-    summary = f"{step} steps × {batch_size} in {(time.monotonic() - start) / 60:.1f} min; " + heldout_errors(count_net, colour_net, vae, seed)
+    minutes = (time.monotonic() - start) / 60
+    summary = f"{step} steps × {batch_size} in {minutes:.1f} min; " + heldout_errors(count_net, colour_net, vae, seed)
     _record(out, rows, summary, seed, budget_min)
     return summary
 

@@ -84,13 +84,16 @@ class Threads:
             self.last_trial = clock  # the next trial of `most` threads waits RETRY_S from here
 
 
-def run_phase(record: dict, phase: str, step_fn: Callable[[int], float], opt, base_lr: float, clock: Callable[[], float],
-              stop_at_s: float, decay_share: float, plan: Optional[dict], on_step: Callable[[int, float], None]) -> None:
+def run_phase(record: dict, phase: str, step_fn: Callable[[int], float], opt, base_lr: float,
+              clock: Callable[[], float],
+              stop_at_s: float, decay_share: float, plan: Optional[dict],
+              on_step: Callable[[int, float], None]) -> None:
     """The steps of one phase. `record[phase + "_plan"]` is filled with what it did; `plan` (one
     such dict from an earlier build) replays it instead of following the clock."""
     done = record.setdefault(f"{phase}_plan", {"decay_start": None, "horizon": None, "stop": None, "threads": []})
     if plan:
-        done.update(decay_start=plan["decay_start"], horizon=plan["horizon"], threads=[list(x) for x in plan["threads"]])
+        done.update(decay_start=plan["decay_start"], horizon=plan["horizon"],
+                    threads=[list(x) for x in plan["threads"]])
     phase_start = record.setdefault(f"{phase}_t0", clock())
     most = 1 if plan else max(1, min(2, os.cpu_count() or 1, int(os.environ.get("ALIGNPROP_MAX_THREADS", 2))))
     threads = Threads(done["threads"], most, replay=bool(plan))

@@ -2,7 +2,7 @@
 
 | module | holds |
 |---|---|
-| `runs.py` | the tracking URI (absolute, probed), `open_run`/`tracked_run` (deterministic names, heartbeat, always closed), the run lock |
+| `runs.py` | the tracking URI (absolute, probed), `open_run`/`tracked_run` (names, heartbeat), the run lock |
 | `datasets.py` | the prompt sets as dataset inputs |
 | `tracker.py` | `Tracker`: rank 0's metrics, evaluation grids and LoRA artifacts |
 

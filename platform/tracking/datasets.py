@@ -56,10 +56,12 @@ def log_prompt_sets(client, run_id: str, sets: Sequence[PromptSet]) -> None:
     have = {(i.dataset.name, i.dataset.digest, context(i)) for i in (run.inputs.dataset_inputs if run.inputs else [])}
     new = []
     for item in sets:
-        source = CodeDatasetSource({MLFLOW_SOURCE_NAME: f"run config: {item.name}"}) if item.source == "config" else item.source
+        from_config = CodeDatasetSource({MLFLOW_SOURCE_NAME: f"run config: {item.name}"})
+        source = from_config if item.source == "config" else item.source
         with warnings.catch_warnings():  # MLflow's own: a local path "can be interpreted in multiple ways"
             warnings.simplefilter("ignore")  # (both of them LocalArtifactDatasetSource), pandas 4 deprecations
-            dataset = mlflow.data.from_pandas(pd.DataFrame({"prompt": list(item.prompts)}), source=source, name=item.name)
+            dataset = mlflow.data.from_pandas(pd.DataFrame({"prompt": list(item.prompts)}), source=source,
+                                              name=item.name)
         if (dataset.name, dataset.digest, item.context) not in have:
             new.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, item.context)]))
     if new:

@@ -62,13 +62,15 @@ def probe_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
             raise ConfigError(f"tracking.uri: cannot reach {uri} ({reason}); accepted: a running MLflow server "
-                              "(make ui, or mlflow server --host 127.0.0.1 --port 5000) or sqlite:///path/mlflow.db") from None
+                              "(make ui, or mlflow server --host 127.0.0.1 --port 5000) "
+                              "or sqlite:///path/mlflow.db") from None
         if not ok:
             raise ConfigError(f"tracking.uri: {uri}/health did not answer OK; accepted: a running MLflow server")
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
-            raise ConfigError(f"tracking.uri: {db.parent} is not a writable directory; accepted: sqlite:///<writable dir>/mlflow.db")
+            raise ConfigError(f"tracking.uri: {db.parent} is not a writable directory; accepted: sqlite:///<writable "
+                              "dir>/mlflow.db")
 
 
 def quote_filter_value(value: str) -> str:
@@ -144,14 +146,16 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], c
             experiment_id = found.experiment_id
             if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older alignprop or by hand: never overwrite a choice
                 client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {quote_filter_value(run_name)}", max_results=1)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {quote_filter_value(run_name)}",
+                              max_results=1)
     beat = {HEARTBEAT_TAG: str(time.time()), OWNER_TAG: _heartbeat_owner()}
     if runs:
         run = runs[0]
         why = _stale(run, time.time()) if run.info.status == "RUNNING" else "not running"
         if why is None:
             raise RunBusyError(f"run {run_name!r} is already running (MLflow run {run.info.run_id}, process "
-                               f"{run.data.tags.get(OWNER_TAG, '?')}); wait for it, stop it, or choose another tracking.run_name")
+                               f"{run.data.tags.get(OWNER_TAG, '?')}); wait for it, stop it, or choose another "
+                               "tracking.run_name")
         client.update_run(run.info.run_id, status="RUNNING")
         for key, value in beat.items():
             client.set_tag(run.info.run_id, key, value)
@@ -201,7 +205,8 @@ def git_commit(directory: Path, timeout_s: float = 5.0) -> Optional[str]:
     ignored path inside one, e.g. a venv's site-packages), when git is missing or slow."""
     def git(*args: str) -> Optional[str]:
         try:
-            done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
+                                  timeout=timeout_s)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
@@ -270,7 +275,8 @@ def run_lock(storage_path: str, name: str):
             raise RunBusyError(f"run {name!r} is already running ({holder}, lock {folder / LOCK_FILE}); "
                                "wait for it, stop it, or choose another tracking.run_name") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"owner": _heartbeat_owner(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        os.pwrite(fd, json.dumps({"owner": _heartbeat_owner(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(),
+                  0)
         yield
     finally:
         os.close(fd)

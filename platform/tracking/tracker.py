@@ -90,7 +90,8 @@ def image_grid(images: torch.Tensor, captions: Optional[Sequence[str]] = None, c
     lines += [[] for _ in range(b - len(lines))]
     line_h = font.getbbox("Ag")[3] + 4
     band = (max(len(x) for x in lines) * line_h + 8) if any(lines) else 0
-    grid = Image.new("RGB", (columns * tile_w + (columns - 1) * gap, rows * (tile_h + band) + (rows - 1) * gap), "white")
+    grid = Image.new("RGB", (columns * tile_w + (columns - 1) * gap, rows * (tile_h + band) + (rows - 1) * gap),
+                     "white")
     draw = ImageDraw.Draw(grid)
     pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for i, image in enumerate(pixels):

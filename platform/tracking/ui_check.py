@@ -3,13 +3,13 @@ what a run shows (image grids, artifact names, tags, datasets, the experiment's 
 (no `test_` prefix): run it by hand after changing what runs log, and look at the PNGs.
 
     # against a real training run (≈ 1–2 min on 2 cores)
-    mkdir -p /tmp/uirun && cd /tmp/uirun && RAY_AUTH_MODE=token OMP_NUM_THREADS=1 \\
-        /work/main/.venv/bin/alignprop train --config tiny-cpu trainer.max_steps=4 trainer.eval_every=2 \\
+    RAY_AUTH_MODE=token OMP_NUM_THREADS=1 .venv/bin/alignprop train --config tiny-cpu trainer.max_steps=4
+    trainer.eval_every=2 \\
         tracking.uri=sqlite:////tmp/uirun/mlflow.db ray.storage_path=/tmp/uirun/ray_results
-    .venv/bin/python tests/ui_check.py --db /tmp/uirun/mlflow.db --out /tmp/ui_check
+    .venv/bin/python -m alignprop.platform.tracking.ui_check --db /tmp/uirun/mlflow.db --out /tmp/ui_check
 
     # without training: logs a small run through the real tracking code (open_run + Tracker) first
-    .venv/bin/python tests/ui_check.py --out /tmp/ui_check
+    .venv/bin/python -m alignprop.platform.tracking.ui_check --out /tmp/ui_check
 
 Needs Debian's `chromium` (`apt-get install -y chromium`); drives it over the DevTools protocol
 with aiohttp (a Ray dependency), no other package. Starts `mlflow server` on a free 127.0.0.1 port
@@ -38,6 +38,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .datasets import PromptSet
+from .runs import open_run
+from .tracker import Tracker
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -53,7 +57,6 @@ def make_run(db: Path) -> None:
     import torch
     from mlflow import MlflowClient
 
-    from alignprop.platform.tracking import PromptSet, Tracker, open_run
 
     uri = f"sqlite:///{db}"
     # the experiment first, with its artifacts beside the database (else ./mlruns of the cwd)
@@ -125,7 +128,8 @@ class Browser:
     def __init__(self, chromium: str):
         self.profile = tempfile.mkdtemp(prefix="ui_check_profile_")
         self.proc = subprocess.Popen(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={self.profile}",
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--user-data-dir={self.profile}",
              "--remote-debugging-port=0", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ids = 0
 
@@ -168,12 +172,14 @@ class Browser:
     async def screenshot(self, url: str, out: Path, expect: str, size: tuple[int, int], timeout_s: float = 90) -> None:
         """Load `url`, wait until `expect` is on the page, nothing is loading and the page has not
         changed for 2 s, then save a PNG of the viewport."""
-        await self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+        await self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
+                        mobile=False)
         await self.call("Page.navigate", url=url)
         state = """JSON.stringify([document.readyState, document.body ? document.body.innerText.length : 0,
             document.querySelectorAll('img, svg, canvas').length,
             [...document.images].filter(i => !i.complete).length,
-            document.querySelectorAll('[role=progressbar], [aria-busy=true], [class*=spinner i], [class*=skeleton i]').length,
+            document.querySelectorAll('[role=progressbar], [aria-busy=true], [class*=spinner i], '
+                                      + '[class*=skeleton i]').length,
             document.body ? document.body.innerText.includes(%s) : false])""" % json.dumps(expect)
         deadline, last, stable_since = time.monotonic() + timeout_s, None, time.monotonic()
         while time.monotonic() < deadline:
@@ -181,8 +187,9 @@ class Browser:
             ready, _, _, pending_images, loading, found = json.loads(now)
             if now != last:
                 last, stable_since = now, time.monotonic()
-            elif ready == "complete" and found and not pending_images and not loading and time.monotonic() - stable_since >= 2:
-                break
+            elif ready == "complete" and found and not pending_images and not loading:
+                if time.monotonic() - stable_since >= 2:
+                    break
             await asyncio.sleep(0.25)  # poll interval; the loop ends on the page's state
         else:
             print(f"ui_check: {url} still loading after {timeout_s:.0f} s ({last}); screenshot as it is")
@@ -199,7 +206,8 @@ async def screenshots(chromium: str, base: str, experiment_id: str, run_id: str,
     async with Browser(chromium) as browser:  # the first page: a fresh profile, the UI's own default view
         await browser.screenshot(f"{base}/#/experiments/{experiment_id}", out / "experiment.png", "Experiments", wide)
     async with Browser(chromium) as browser:
-        await browser.screenshot(f"{base}/#/experiments/{experiment_id}?{training}", out / "experiment_training_view.png", run_name, wide)
+        await browser.screenshot(f"{base}/#/experiments/{experiment_id}?{training}",
+                                 out / "experiment_training_view.png", run_name, wide)
         await browser.screenshot(f"{run_page}?{training}", out / "run_overview.png", "Datasets", tall)
         artifact = f"{run_page}/artifacts/{grid}" if grid else f"{run_page}/artifacts"
         await browser.screenshot(f"{artifact}?{training}", out / "run_artifacts.png", "config.yaml", wide)
