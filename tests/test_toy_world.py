@@ -229,7 +229,8 @@ def test_shipped_reward_models_follow_the_truth_and_pass_gradients_to_pixels():
 
 
 def test_toy_prompt_files_are_the_split_and_presets_name_the_shipped_pipeline():
-    from alignprop.platform.config import load_config, model_path, read_prompt_file
+    from alignprop.platform.config import load_config, read_prompt_file
+    from alignprop.platform.models import model_path
     from alignprop.platform.toy_world import SHIPPED_DIR
 
     assert read_prompt_file("toy_train.txt") == [c.text for c in TRAIN_CAPTIONS]

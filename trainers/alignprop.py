@@ -83,6 +83,10 @@ class AlignPropRecipe:
         """Optimizer steps completed."""
         return self.state.step
 
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> "AlignPropRecipe":
         cfg, device = self.cfg, self.ctx.device
