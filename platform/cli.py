@@ -22,11 +22,11 @@ import os
 import sys
 
 from .console import quiet_known_noise
-from .errors import ConfigError, RunBusyError, UnsafeCheckpointError
+from .errors import ConfigError, RunBusyError, RunFailedError, UnsafeCheckpointError
 from .presets import list_presets
 from .toy_world import cli as toy_world_cli
 
-ONE_LINE_ERRORS = (ConfigError, FileNotFoundError, RunBusyError, UnsafeCheckpointError)
+ONE_LINE_ERRORS = (ConfigError, FileNotFoundError, RunBusyError, RunFailedError, UnsafeCheckpointError)
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -9,6 +9,18 @@ class RunBusyError(Exception):
     """Another process is running the same run name (the storage lock or a fresh MLflow heartbeat)."""
 
 
+class RunFailedError(Exception):
+    """A run stopped for a reason the user can act on (raised in a worker, printed by the driver as one line)."""
+
+
+class StorageFullError(RunFailedError):
+    """`ray.storage_path` cannot hold the next checkpoint, or a checkpoint there is incomplete."""
+
+
+class NonFiniteError(RunFailedError):
+    """The loss, the gradient norm or the LoRA weights became NaN or infinite."""
+
+
 class UnsafeCheckpointError(ValueError):
     """A checkpoint holds files alignprop never loads (pickles can run code on unpickling)."""
 

@@ -46,6 +46,9 @@ from alignprop.platform.mlflow_model import AlignPropModel
 
 mlflow.models.set_model(AlignPropModel())
 '''
+# What one request may ask (a request past these is refused with a 400 naming the limit, before any
+# sampling: one request cannot occupy the host for long).
+MAX_ROWS, MAX_PROMPT_CHARS, MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 16, 1000, 200, 100.0, 2**31 - 1
 # What loading the Model imports; pinned to this environment's versions (MLflow infers nothing).
 REQUIREMENTS = ("alignprop-platform", "mlflow", "torch", "diffusers", "transformers", "peft", "safetensors",
                 "omegaconf", "pillow", "pandas")
@@ -61,7 +64,9 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
     `mlflow models serve`'s JSON, `{"predictions": [{"prompt", "seed", "image"}, ...]}`;
     `decode_image` turns it into a PIL image). Params (MLflow `params=`): `seed` (default 0; row i
     uses seed + i, as `alignprop sample` does, so the same seed gives the same image),
-    `num_steps` and `guidance_scale` (default: the run's `sampling` values)."""
+    `num_steps` and `guidance_scale` (default: the run's `sampling` values). A request of more than
+    MAX_ROWS prompts, a prompt over MAX_PROMPT_CHARS characters, or params outside their ranges is
+    refused with an `INVALID_PARAMETER_VALUE` error (HTTP 400 when served) that names the limit."""
 
     def load_context(self, context) -> None:
         import torch
@@ -82,10 +87,10 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         import torch
 
         params, s = params or {}, self.sampling
-        seed = int(params.get("seed", 0))
-        steps = int(params.get("num_steps") or s.num_steps)
-        guidance = float(s.guidance_scale if params.get("guidance_scale") is None else params["guidance_scale"])
-        prompts = [str(p) for p in model_input["prompt"]]
+        seed = _param(params, "seed", 0, int, 0, MAX_SEED)
+        steps = _param(params, "num_steps", s.num_steps, int, 1, MAX_STEPS)
+        guidance = _param(params, "guidance_scale", s.guidance_scale, float, 1.0, MAX_GUIDANCE)
+        prompts = _prompts(model_input)
         rows = []
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
@@ -97,6 +102,41 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
                 image_text = base64.b64encode(buffer.getvalue()).decode("ascii")
                 rows.append({"prompt": prompt, "seed": seed + i, "image": image_text})
         return pd.DataFrame(rows, columns=["prompt", "seed", "image"])
+
+
+def _refuse(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _param(params: dict, name: str, default, kind: type, low, high):
+    """A request param as `kind` within [low, high] (None or absent: `default`), else a 400 naming the range."""
+    value = params.get(name)
+    if value is None:
+        return default
+    try:
+        number = kind(value)
+        whole = kind is not int or float(value) == number
+    except (TypeError, ValueError, OverflowError):
+        number, whole = None, False
+    if not whole or number is None or not low <= number <= high:
+        raise _refuse(f"params.{name}: got {value!r}; accepted: {'an integer' if kind is int else 'a number'} "
+                      f"in [{low}, {high}]")
+    return number
+
+
+def _prompts(model_input: pd.DataFrame) -> list[str]:
+    if "prompt" not in model_input:
+        raise _refuse("prompt: no such column; accepted: a DataFrame with a 'prompt' column")
+    prompts = [str(p) for p in model_input["prompt"]]
+    if not 1 <= len(prompts) <= MAX_ROWS:
+        raise _refuse(f"prompt: {len(prompts)} rows; accepted: 1 to {MAX_ROWS} prompts per request")
+    longest = max(len(p) for p in prompts)
+    if longest > MAX_PROMPT_CHARS:
+        raise _refuse(f"prompt: a prompt of {longest} characters; accepted: at most {MAX_PROMPT_CHARS}")
+    return prompts
 
 
 def decode_image(encoded: str):

@@ -61,7 +61,7 @@ def test_a_checkpoint_holds_only_safetensors_and_json(stage2_checkpoint):
     directory, _ = stage2_checkpoint
     names = files(directory)
     assert names == {"pytorch_lora_weights.safetensors", "trainer_state.json", "lora_ema.safetensors",
-                     ENGINE_STATE_FILE, OPTIMIZER_FILE, "rng_rank0.safetensors"}, names
+                     ENGINE_STATE_FILE, OPTIMIZER_FILE, "rng_rank0.safetensors", "manifest_rank0.json"}, names
     assert all(n.endswith((".safetensors", ".json")) for n in names)
     check_checkpoint_files(directory)  # accepted
     state = json.loads((directory / ENGINE_STATE_FILE).read_text())

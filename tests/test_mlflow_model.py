@@ -5,6 +5,7 @@ run), loaded through runs:/ and models:/NAME@best, sampled by `alignprop sample`
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from alignprop.platform.config import ConfigError, LoraSection, load_config, to_yaml
-from alignprop.platform.mlflow_model import decode_image, log_run_model, mlflow_uris, register_model
+from alignprop.platform.mlflow_model import (MAX_ROWS, MAX_STEPS, decode_image, log_run_model, mlflow_uris,
+                                             register_model)
 from alignprop.platform.models import add_lora, build_tiny_pipeline, load_pipeline, save_lora
 from conftest import VENV_BIN, free_port, subprocess_env
 from test_cli_errors import run_cli
@@ -200,6 +202,15 @@ def test_mlflow_models_serve_answers_invocations_with_images(logged, tmp_path):
                                          headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(request, timeout=120) as reply:
             predictions = json.loads(reply.read())["predictions"]
+        refused = {}  # one request cannot occupy the host: oversized ones are a 400 naming the limit, at once
+        for what, rows, params in (("rows", [["a cat"]] * (MAX_ROWS + 1), {}),
+                                   ("num_steps", [["a cat"]], {"num_steps": 999})):
+            body = {"dataframe_split": {"columns": ["prompt"], "data": rows}, "params": params}
+            request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"}, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(request, timeout=60)
+            refused[what] = (err.value.code, json.loads(err.value.read())["message"])
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
@@ -209,6 +220,24 @@ def test_mlflow_models_serve_answers_invocations_with_images(logged, tmp_path):
     local = predict(logged["model_uri"], logged["uri"], seed=3)
     assert all(np.array_equal(a, np.asarray(decode_image(b))) for a, b in zip(served, local.image))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["serve.log"], "serving wrote into its cwd"
+    expected = {"rows": f"prompt: {MAX_ROWS + 1} rows; accepted: 1 to {MAX_ROWS} prompts per request",
+                "num_steps": f"params.num_steps: got 999; accepted: an integer in [1, {MAX_STEPS}]"}
+    for what, message in expected.items():  # MLflow's server puts its own "Failed to predict data ..." first
+        assert refused[what][0] == 400 and refused[what][1].endswith(f"Error: {message}"), refused[what]
+
+
+@pytest.mark.parametrize("params, prompts, message", [
+    ({"num_steps": -5}, ["a cat"], "params.num_steps: got -5; accepted: an integer in [1, "),
+    ({"num_steps": 10**6}, ["a cat"], "params.num_steps: got 1000000; accepted: an integer in [1, "),
+    ({"guidance_scale": 1e308}, ["a cat"], "params.guidance_scale: got 1e+308; accepted: a number in [1.0, "),
+    ({}, ["x" * 5000], "prompt: a prompt of 5000 characters; accepted: at most "),
+])
+def test_predict_refuses_requests_past_its_limits_naming_them(logged, params, prompts, message):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="^" + re.escape(message)) as err:
+        predict(logged["model_uri"], logged["uri"], prompts, **params)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 @pytest.mark.parametrize("command", [["train"], ["tune", "--space", "tiny-smoke"]])

@@ -118,7 +118,8 @@ def test_resumed_run_matches_the_uninterrupted_one(deepspeed_world, tmp_path, st
     recipe(overrides, report=keeper("step", saved)).train()
     assert sorted(saved) == [2, 4]
     assert {p.name for p in saved[2].iterdir()} == {
-        LORA_WEIGHTS_NAME, STATE_FILE, ENGINE_STATE_FILE, OPTIMIZER_FILE, "rng_rank0.safetensors"}
+        LORA_WEIGHTS_NAME, STATE_FILE, ENGINE_STATE_FILE, OPTIMIZER_FILE, "rng_rank0.safetensors",
+        "manifest_rank0.json"}
     engine_state = json.loads((saved[2] / ENGINE_STATE_FILE).read_text())
     assert (engine_state["adam_step"], engine_state["global_steps"], engine_state["zero_stage"]) == (2, 2, stage)
 

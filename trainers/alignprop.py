@@ -35,6 +35,7 @@ from ..rewards import build_rewards
 from . import ddpo
 from .checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from .checkpoint import load_engine_state, save_engine_state
+from .checkpoint_integrity import write_manifest
 from .ema import LoraEMA
 from .engine import broadcast_flag, build_engine, gather_rows, peak_memory_mb, resolve_precision
 from .engine import single_process_world  # noqa: F401 (re-export: bench, gpu-check and tests build worlds with it)
@@ -277,12 +278,17 @@ class AlignPropRecipe:
         path.mkdir(parents=True, exist_ok=True)
         save_engine_state(self.engine, self.lora_parameters(), path, ctx.rank, ctx.world_size, ctx.device)
         if ctx.rank != 0:
-            return
+            return self._seal(path)
         save_lora(self.denoiser, directory)
         self.state.reward_stats = self.rewards.stats
         (path / STATE_FILE).write_text(self.state.to_json())
         if self.ema is not None:
             self.ema.save(path)
+        self._seal(path)
+
+    def _seal(self, path: Path) -> None:
+        """This rank's files fsync'd and listed (sizes, sha256) in its manifest, written last."""
+        write_manifest(path, self.ctx.rank, [p.name for p in path.iterdir() if not p.name.startswith("manifest_")])
 
     def load_checkpoint(self, directory: str) -> None:
         """Every rank: refuse anything but .safetensors/.json, then restore this rank's share of the

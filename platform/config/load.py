@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
 from ..presets import resolve_preset
+from ..yaml_files import load_bounded
 from .checks import check_paths
 from .schema import RunConfig, flatten, to_dict
 from .validate import validate
@@ -39,6 +40,7 @@ def load_config(name_or_path: str, overrides: Sequence[str] = (), paths: bool = 
         if item.split("=", 1)[1].strip() == "???":
             raise ConfigError(f"{item.split('=', 1)[0].strip()}: '???' (a missing value); accepted: a value")
     try:
+        load_bounded(preset.read_text(), f"--config {preset}")  # refuses alias bombs before OmegaConf walks them
         data = OmegaConf.load(preset)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"--config {preset}: not a readable YAML file ({_first_line(err)}); accepted: a mapping of "

@@ -14,6 +14,35 @@ from .schema import (ALGORITHMS, CHECKPOINT_MODES, COMPILE_MODES, DTYPE_NAMES, F
                      SAFE_NAME_TEXT, TRACKING_SCHEMES, RunConfig, TruncationSection, flatten, to_dict)
 
 
+# Upper bounds (and a few lower ones) that keep a run from allocating or computing garbage: a value
+# outside is a one-line error before anything starts. (key: (lowest, highest), both accepted)
+BOUNDS = {
+    "optim.lr": (0, 1.0), "optim.eps": (0, 1.0), "optim.weight_decay": (0, 10.0), "optim.max_grad_norm": (0, 1e6),
+    "optim.loss_scale": (1e-8, 1e8), "optim.grad_accum": (1, 1024),
+    "sampling.num_steps": (1, 1000), "sampling.resolution": (8, 4096), "sampling.guidance_scale": (1, 100.0),
+    "trainer.batch_size": (1, 1024), "trainer.max_steps": (1, 10_000_000), "trainer.seed": (0, 2**31 - 1),
+    "trainer.eval_seed": (0, 2**31 - 1), "trainer.keep_checkpoints": (1, 1000),
+    "lora.rank": (1, 1024), "lora.alpha": (0, 1e4), "ray.num_workers": (1, 4096),
+    "ddpo.inner_epochs": (1, 100), "ddpo.clip_range": (0, 100.0), "ddpo.adv_clip_max": (0, 1e3),
+    "draft_lv.copies": (1, 64),
+}
+MAX_REWARD_WEIGHT = 1e9
+
+
+def _check_bounds(cfg: RunConfig) -> None:
+    values = flatten(to_dict(cfg))
+    for key, (low, high) in BOUNDS.items():
+        value = values[key]
+        shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high)]
+        _check(low <= value <= high, key, f"got {value}; accepted: {shown[0]} <= {key.split('.')[-1]} <= {shown[1]}")
+    for section in ("rewards", "eval_rewards"):
+        for i, spec in enumerate(getattr(cfg, section)):
+            weight = spec.get("weight", 1.0) if isinstance(spec, dict) else 1.0
+            if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+                _check(abs(weight) <= MAX_REWARD_WEIGHT, f"{section}[{i}].weight",
+                       f"got {weight}; accepted: |weight| <= {MAX_REWARD_WEIGHT:g}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks the schema cannot express. Raises ConfigError (one line)."""
     m, s, t, o, tr = cfg.model, cfg.sampling, cfg.truncation, cfg.optim, cfg.trainer
@@ -84,6 +113,7 @@ def validate(cfg: RunConfig) -> None:
            "empty while trainer.eval_every > 0; accepted: a list of held-out prompts, trainer.eval_prompt_file, or "
            "trainer.eval_every=0")
     _validate_algorithm(cfg)
+    _check_bounds(cfg)
     validate_reward_specs(cfg.rewards, "rewards", allow_empty=False, needs_gradient=tr.algorithm != "ddpo")
     validate_reward_specs(cfg.eval_rewards, "eval_rewards", allow_empty=True)
     d = cfg.deepspeed

@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..config import RunConfig
 from ..tracking import PromptSet, probe_tracking_uri, resolve_tracking_uri, run_lock, tracked_run
+from .storage import check_free_space
 from .ray_cluster import check_local_resources, init_ray, ray_address, wait_for_cluster_resources
 
 
@@ -38,17 +39,22 @@ def resolved_tracking_uri(cfg: RunConfig) -> str:
 
 @contextmanager
 def driver_session(cfg: RunConfig, name: str, storage: str, uri: str, experiment: str, params: dict[str, Any],
-                   config_yaml: str, tags: Optional[dict[str, str]] = None, datasets: Sequence[PromptSet] = ()):
-    """Preflight, lock, Ray, MLflow run (see the module docstring); yields the MLflow run id."""
+                   config_yaml: str, tags: Optional[dict[str, str]] = None, datasets: Sequence[PromptSet] = (),
+                   prepare: Optional[Callable[[], None]] = None):
+    """Preflight, lock, Ray, MLflow run (see the module docstring); yields the MLflow run id.
+    `prepare` runs under the lock before Ray starts (a sweep's trial plan): its errors take no resources."""
     import ray
 
     address = ray_address(cfg)
     if address is None and not ray.is_initialized():
         check_local_resources(cfg)  # one run (one sweep trial) must fit this machine
     probe_tracking_uri(uri)
+    check_free_space(cfg, storage)
     started = False
     try:
         with run_lock(storage, name):
+            if prepare is not None:
+                prepare()
             started = init_ray(address)
             wait_for_cluster_resources(cfg)
             with tracked_run(uri, experiment, name, params, config_yaml, tags, datasets=datasets) as run_id:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from contextlib import nullcontext
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..config import RunConfig, from_dict, read_prompt_file, run_name, to_dict
 from ..console import close_progress_bars, quiet_known_noise
+from ..errors import RunFailedError
 from .loopback import LoopbackTorchConfig, on_loopback_node
 from .session import resolve_storage_path
+from .storage import report_checkpoint, resume_directory
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -33,12 +34,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("eval_prompts"):
         cfg.trainer.eval_prompts, cfg.trainer.eval_prompt_file = list(config["eval_prompts"]), None
 
-    def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+    def ray_report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+    def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+        if checkpoint_dir is None:
+            return ray_report(metrics, None)
+        report_checkpoint(ray_report, metrics, checkpoint_dir, config.get("storage_path"))
+
+    with resume_directory(ray.train.get_checkpoint(), context.get_world_rank()) as resume_dir:
         recipe = AlignPropRecipe(cfg, WorkerContext(
             rank=context.get_world_rank(), world_size=context.get_world_size(),
             device=ray.train.torch.get_device(), report=report, resume_dir=resume_dir,
@@ -66,9 +71,12 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    storage_path = storage_path or resolve_storage_path(cfg.ray.storage_path)
+
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "storage_path": f"{storage_path}/{run_name(cfg)}",
                            "progress_lines": not sys.stderr.isatty(),  # where the driver prints what rank 0 does
                            "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None,
                            "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
@@ -81,7 +89,7 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
             resources_per_worker=dict(cfg.ray.resources_per_worker) or None,
         ),
         run_config=RayRunConfig(
-            name=run_name(cfg), storage_path=storage_path or resolve_storage_path(cfg.ray.storage_path),
+            name=run_name(cfg), storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
             callbacks=list(callbacks),
@@ -90,7 +98,31 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
 
 
 def fit_interruptibly(trainer):
-    """`trainer.fit()` in a helper thread, so Ctrl-C reaches this (main) thread at once.
+    """`trainer.fit()` in a helper thread, so Ctrl-C reaches this (main) thread at once (`run_interruptibly`).
+    A worker that stopped with a `RunFailedError` (a full disk, a NaN loss) fails the fit with that
+    error's one line instead of Ray's traceback of every worker."""
+    try:
+        return run_interruptibly(trainer.fit)
+    except Exception as err:
+        cause = run_failure(err)
+        if cause is None:
+            raise
+        raise type(cause)(str(cause)) from None
+
+
+def run_failure(err: BaseException) -> Optional[RunFailedError]:
+    """The `RunFailedError` a worker raised, inside Ray Train's WorkerGroupError (each worker's exception
+    travels wrapped with its traceback), or None."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        for exc in (failure, getattr(failure, "_base_exc", None), failure.__cause__):
+            if isinstance(exc, RunFailedError):
+                return exc
+    return err if isinstance(err, RunFailedError) else None
+
+
+def run_interruptibly(call: Callable[[], Any]):
+    """`call()` (a TorchTrainer's fit, a Tune run) in a helper thread, so Ctrl-C reaches this (main)
+    thread at once.
 
     Ray Train's fit() in the main thread installs its own SIGINT handler, which waits for the
     controller to abort (forever if the workers never started) and then exits the process with
@@ -98,13 +130,13 @@ def fit_interruptibly(trainer):
     KeyboardInterrupt into a KILLED run and exits, which ends the controller and workers."""
     outcome: dict[str, Any] = {}
 
-    def fit() -> None:
+    def run() -> None:
         try:
-            outcome["result"] = trainer.fit()
+            outcome["result"] = call()
         except BaseException as err:  # handed to the main thread
             outcome["error"] = err
 
-    thread = threading.Thread(target=fit, name="alignprop-fit", daemon=True)
+    thread = threading.Thread(target=run, name="alignprop-fit", daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)

@@ -14,11 +14,12 @@ transformer of sd3; trainers/families.py).
 """
 
 from .lora import LORA_WEIGHTS_NAME, add_lora, lora_state_dict, save_lora
-from .pipelines import (DTYPES, TOY_WORLD_MODEL, denoiser_module_names, load_pipeline, model_path, pretrained_family,
-                        resolve_family)
+from .pipelines import (DTYPES, TOY_WORLD_MODEL, denoiser_module_names, load_pipeline, lora_parameter_count, model_path,
+                        pretrained_family, resolve_family)
 from .tiny import TINY_SEED, build_tiny, build_tiny_pipeline, build_tiny_tokenizer, cast_modules, save_tiny_pipeline
 
 __all__ = ["DTYPES", "LORA_WEIGHTS_NAME", "TINY_SEED", "TOY_WORLD_MODEL", "add_lora", "build_tiny",
            "build_tiny_pipeline",
-           "build_tiny_tokenizer", "cast_modules", "denoiser_module_names", "load_pipeline", "lora_state_dict",
+           "build_tiny_tokenizer", "cast_modules", "denoiser_module_names", "load_pipeline", "lora_parameter_count",
+           "lora_state_dict",
            "model_path", "pretrained_family", "resolve_family", "save_lora", "save_tiny_pipeline"]

@@ -106,11 +106,10 @@ def load_pipeline(model: "ModelSection", device: torch.device | str | None = Non
 
 
 @lru_cache(maxsize=8)
-def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revision: str | None = None,
-                          arch: str | None = None) -> tuple[frozenset[str], tuple[str, ...]] | None:
-    """(every module name, the distinct leaf names of its Linear layers) of the run's denoiser (UNet
-    or transformer): what `lora.target_modules` must match. Built on the meta device from the config
-    alone; None for a hub id whose config is not in the local cache (the worker then checks)."""
+def meta_denoiser(family: str, tiny: bool, pretrained: str | None, revision: str | None = None,
+                  arch: str | None = None) -> torch.nn.Module | None:
+    """The run's denoiser (UNet or transformer) on the meta device, from its config alone (no weights);
+    None for a hub id whose config is not in the local cache (the worker then checks)."""
     from diffusers import SD3Transformer2DModel
 
     sub = get_family(family).denoiser_name
@@ -130,11 +129,42 @@ def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revis
         return None
     with torch.device("meta"):
         if tiny:
-            model = {"sd": tiny_unet, "sdxl": tiny_sdxl_unet, "sd3": tiny_sd3_transformer}[family]()
-        else:
-            model = cls.from_config(config)
+            return {"sd": tiny_unet, "sdxl": tiny_sdxl_unet, "sd3": tiny_sd3_transformer}[family]()
+        return cls.from_config(config)
+
+
+def _leaf(name: str) -> str:
+    """A module's name as `lora.target_modules` may give it: its last part (`to_out.0`: the last two)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def denoiser_module_names(family: str, tiny: bool, pretrained: str | None, revision: str | None = None,
+                          arch: str | None = None) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """(every module name, the distinct leaf names of its Linear layers) of the run's denoiser: what
+    `lora.target_modules` must match; None when its config is not on this machine."""
+    model = meta_denoiser(family, tiny, pretrained, revision, arch)
+    if model is None:
+        return None
     modules = dict(model.named_modules())
-    # noqa: E731
-    leaf = lambda name: ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
-    linear = sorted({leaf(n) for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+    linear = sorted({_leaf(n) for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
     return frozenset(modules), tuple(linear)
+
+
+def lora_parameter_count(model: "ModelSection", lora) -> int | None:
+    """The number of LoRA parameters `lora` (rank, target_modules) adds to the run's denoiser (peft's
+    rule: a target names a module or a dotted suffix of its name); None when its config is not here."""
+    family = resolve_family(model)
+    denoiser = meta_denoiser(family, model.tiny, model.pretrained, model.revision, model.arch) if family else None
+    if denoiser is None:
+        return None
+    count = 0
+    for name, module in denoiser.named_modules():
+        if not any(name == t or name.endswith(f".{t}") for t in lora.target_modules):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            count += lora.rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            count += lora.rank * (module.in_channels * kernel + module.out_channels)
+    return count

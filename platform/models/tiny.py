@@ -47,8 +47,11 @@ def tiny_tokenizer_files() -> tuple[str, str]:
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    merges_file.write_text("#version: 0.2\n")
+    vocab = json.dumps({t: i for i, t in enumerate(tokens)})
+    for path, text in ((vocab_file, vocab), (merges_file, "#version: 0.2\n")):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # every process writes them: another may be reading
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return str(vocab_file), str(merges_file)
 
 

@@ -32,6 +32,7 @@ import yaml
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import ConfigError, RunConfig, flatten, from_dict, to_dict, validate
+from ..yaml_files import load_bounded
 
 SPACE_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
 SPACE_TYPES = {
@@ -121,7 +122,7 @@ def load_space(name_or_path: str, cfg: RunConfig) -> SweepSpec:
 def _read_yaml(path: Path) -> dict:
     """The file's top-level mapping, or a one-line ConfigError naming the file (never a traceback)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_bounded(path.read_text(), path.name)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

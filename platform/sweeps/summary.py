@@ -1,5 +1,5 @@
 """End of a sweep: results table (printed, CSV), metric-vs-parameter plot, best trial and its LoRA,
-all logged to the MLflow parent run; early-stopped children are closed as KILLED. Grids over
+all logged to the MLflow parent run (the rows come from our records: sweeps/resume.py). Grids over
 `trainer.algorithm` (or seeds) also get the sample-efficiency figure and table
 (platform/sweeps/sample_efficiency.py)."""
 
@@ -16,17 +16,8 @@ from .space import SweepSpec
 from ..mlflow_model import log_run_model, register_model, run_model
 
 
-def _rows(results, spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
-    rows = []
-    for result in results:
-        metrics = result.metrics or {}
-        steps = metrics.get("step", 0)
-        finished = steps >= max_steps or metrics.get("early_stopped")
-        status = "error" if result.error else ("complete" if finished else "stopped")
-        row = {"trial_id": metrics.get("trial_id", Path(result.path).name), "status": status, "steps": steps,
-               spec.metric: metrics.get(spec.metric, math.nan)}
-        row.update({key: (result.config or {}).get(key) for key in spec.space})
-        rows.append(row)
+def _sorted(rows: list[dict[str, Any]], spec: SweepSpec) -> list[dict[str, Any]]:
+    """Best first; trials without the metric last."""
     sign = -1 if spec.mode == "max" else 1
     def order(row):  # NaN last
         value = row[spec.metric]
@@ -68,20 +59,17 @@ def _plot(rows: list[dict[str, Any]], spec: SweepSpec, path: Path) -> None:
     plt.close(fig)
 
 
-def summarize(results, spec: SweepSpec, max_steps: int, uri: str, parent_id: str, concurrency: int,
+def summarize(rows: list[dict[str, Any]], spec: SweepSpec, uri: str, parent_id: str, concurrency: int,
               register_as: Optional[str] = None) -> dict:
+    """`rows`: one per trial of the sweep (resume.summary_rows), from our records."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    rows = _rows(results, spec, max_steps)
+    rows = _sorted(rows, spec)
     columns = ["trial_id", "status", "steps", spec.metric, *spec.space]
     print(f"\n[tune] {len(rows)} trials, up to {concurrency} at a time, sorted by {spec.metric} ({spec.mode}):")
     _print_table(rows, columns)
     children = _child_runs(client, parent_id)
-    for trial_id, run in children.items():
-        if run.info.status == "RUNNING":  # killed by the scheduler before it could close its run
-            client.set_tag(run.info.run_id, "alignprop.early_stopped", "true")
-            client.set_terminated(run.info.run_id, status="KILLED")
     best = next((r for r in rows if r["status"] != "error" and not math.isnan(r[spec.metric])), None)
     with tempfile.TemporaryDirectory() as tmp:
         with open(Path(tmp) / "results.csv", "w", newline="") as f:

@@ -5,33 +5,44 @@
 
 One MLflow parent run per sweep, one child run per trial (`mlflow.parentRunId`); at the end the
 parent gets the results table, a plot of the metric against each searched parameter, the best
-trial's id and config, and its LoRA. Rerunning with the same sweep name resumes the sweep.
+trial's id and config, and its LoRA. Rerunning with the same sweep name resumes the sweep from our
+own records (resume.py), never from Ray Tune's pickled state: done trials are not
+rerun, the others continue from their last safetensors checkpoint under the same trial id.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from typing import Any, Optional
 
 from ray.tune import Callback
 
 from ..config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
-from ..launch import build_trainer, driver_session, fit_interruptibly, resolve_storage_path, resolved_tracking_uri
+from ..launch import (build_trainer, check_resume_safety, driver_session, resolve_storage_path, resolved_tracking_uri,
+                      run_interruptibly)
 from ..mlflow_model import check_model_name, log_run_model
 from ..tracking import prompt_sets, run_context_tags, tracked_run
+from .resume import (PLAN_FILE, TRIAL_KEY, PlanRecorder, SeededASHA, ignored_tune_state, is_done, metric_history,
+                     new_plan, plan_path, read_plan, summary_rows, sweep_children, trial_label, write_plan)
 from .space import SweepSpec, apply_params, tune_domain
 from .summary import close_child_runs, summarize
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
 
 
-def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
-    """One Tune trial: the sampled params onto the base config → a TorchTrainer reporting to Tune."""
+def run_trial(config: dict[str, Any], base: dict, sweep: dict, plan: dict[str, dict]) -> None:
+    """One Tune trial: its params onto the base config → a TorchTrainer reporting to Tune. A planned
+    trial's config is only its id (the run name, so a rerun resumes it), its params come from `plan`
+    (never through Tune's variant resolution, which evaluates `{eval: ...}`); Optuna's new trials
+    take Tune's id and the sampled params."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()
+    planned = config.get(TRIAL_KEY)
+    trial_id, params = (planned, plan[planned]) if planned else (tune.get_context().get_trial_id(), config)
     cfg = apply_params(from_dict(base), params)
     cfg.tracking.run_name = f"{sweep['name']}-{trial_id}"
     tags = {**sweep["context_tags"],  # the driver's user/source/commit: in a trial, argv is Ray's worker
@@ -46,21 +57,24 @@ def run_trial(params: dict[str, Any], base: dict, sweep: dict) -> None:
         log_run_model(sweep["tracking_uri"], run_id)
 
 
-def _scheduler(spec: SweepSpec, max_steps: int):
-    from ray.tune.schedulers import ASHAScheduler
-
+def _scheduler(spec: SweepSpec, max_steps: int, prior: Optional[dict] = None, resumed: Optional[dict] = None):
+    """ASHA on the training step, its rungs seeded with the sweep's earlier results (SeededASHA). A
+    trial at max_steps ends by itself: not stopped by ASHA there (which interrupted its FINISHED close)."""
     if spec.scheduler == "none":
         return None
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_steps, grace_period=spec.grace_period,
-                         reduction_factor=spec.reduction_factor)
+    return SeededASHA(spec.metric, prior or {}, resumed or {}, max_t=max_steps, grace_period=spec.grace_period,
+                      reduction_factor=spec.reduction_factor, stop_last_trials=False)
 
 
-def _search(spec: SweepSpec):
+def _search(spec: SweepSpec, evaluated: tuple[list[dict], list[float]] = ([], [])):
+    """Optuna for `search: optuna`, told the results of the sweep's trials so far (`evaluated`)."""
     if spec.search == "random":
         return None
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=spec.seed)
+    points, rewards = evaluated  # a seed per number of known results: a resumed study does not redraw its first draws
+    return OptunaSearch(seed=spec.seed + len(points), points_to_evaluate=points or None,
+                        evaluated_rewards=rewards or None)
 
 
 def default_concurrency(cfg: RunConfig) -> int:
@@ -75,15 +89,15 @@ def default_concurrency(cfg: RunConfig) -> int:
 class TrialProgress(Callback):
     """Prints one line per finished trial."""
 
-    def __init__(self, metric: str, total: int):
-        self.metric, self.total, self.done = metric, total, 0
+    def __init__(self, metric: str, total: int, done: int = 0):
+        self.metric, self.total, self.done = metric, total, done
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
         result = trial.last_result or {}
         value = result.get(self.metric)
         shown = f"{value:.5g}" if isinstance(value, float) else "n/a"
-        print(f"[tune] {self.done}/{self.total} trial {trial.trial_id} {how} after {result.get('step', 0)} steps: "
+        print(f"[tune] {self.done}/{self.total} trial {trial_label(trial)} {how} after {result.get('step', 0)} steps: "
               f"{self.metric}={shown}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -111,45 +125,118 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
     parent_params = {"sweep.space": json.dumps(spec.space), "sweep.metric": spec.metric, "sweep.mode": spec.mode,
                      "sweep.scheduler": spec.scheduler, "sweep.search": spec.search, "sweep.num_samples": num_samples,
                      **flatten(to_dict(cfg))}
-    tags = {"alignprop.sweep": name, "alignprop.role": "sweep"}
-    with driver_session(cfg, name, storage, uri, experiment, parent_params, to_yaml(cfg), tags) as parent_id:
+    tags, planned = {"alignprop.sweep": name, "alignprop.role": "sweep"}, {}
+
+    def plan_trials() -> None:  # under the sweep's lock, before Ray starts: a bad plan takes no resources
+        planned["trials"] = _plan(cfg, spec, num_samples, name, storage, uri, experiment)
+
+    with driver_session(cfg, name, storage, uri, experiment, parent_params, to_yaml(cfg), tags,
+                        prepare=plan_trials) as parent_id:
         print(f"[tune] sweep {name}  mlflow {uri} parent run {parent_id}", file=sys.stderr)
         try:
             return _fit(cfg, spec, num_samples, max_concurrent, name, register_as, trial_retries, uri, experiment,
-                        storage, parent_id)
+                        storage, parent_id, planned["trials"])
         except KeyboardInterrupt:
             close_child_runs(uri, parent_id, "KILLED")  # the trials die with this process
             raise
 
 
+def _plan(cfg: RunConfig, spec: SweepSpec, num_samples: int, name: str, storage: str, uri: str,
+          experiment: str) -> list[dict]:
+    """The sweep's trials: read back from our plan (validated) on a rerun, else sampled and written now.
+    Refuses, in one line, a sweep MLflow knows but that has no plan, and a trial checkpoint holding
+    a file we would not load."""
+    ignored = ignored_tune_state(storage, name)
+    if ignored:
+        shown = ", ".join(ignored[:6]) + (f" and {len(ignored) - 6} more" if len(ignored) > 6 else "")
+        print(f"[tune] ignoring {shown} in {storage}/{name}: Ray Tune state and pickles are never loaded "
+              f"(a sweep resumes from {PLAN_FILE}, MLflow and each trial's safetensors checkpoints)", file=sys.stderr)
+    children = sweep_children(uri, experiment, name)
+    trials = read_plan(storage, name, spec, num_samples, cfg)
+    if trials is None and children:
+        raise ConfigError(f"{plan_path(storage, name)}: missing, but MLflow holds {len(children)} trials of sweep "
+                          f"{name!r} (started by an alignprop that resumed through Ray Tune's pickled state, which is "
+                          "no longer loaded); accepted: a new --name")
+    if trials is None:
+        trials = new_plan(spec, num_samples)
+        write_plan(storage, name, spec, num_samples, trials)
+    pending = _pending(trials, children)
+    if children:
+        done = len(trials) - len(pending)
+        print(f"[tune] resuming sweep {name} from {PLAN_FILE} and MLflow: {done} of {len(trials)} planned trials done, "
+              f"{len(pending)} to continue", file=sys.stderr)
+    for trial in pending:
+        check_resume_safety(f"{storage}/{name}/trials", f"{name}-{trial['id']}")
+    return trials
+
+
+def _pending(trials: list[dict], children: dict[str, Any]) -> list[dict]:
+    """The planned trials that run (again): all but those whose MLflow run finished or ASHA stopped."""
+    return [t for t in trials if not (t["id"] in children and is_done(children[t["id"]]))]
+
+
 def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Optional[int], name: str,
-         register_as: Optional[str], trial_retries: int, uri: str, experiment: str, storage: str,
-         parent_id: str) -> dict[str, Any]:
-    """Build (or restore) the Tuner, run it, summarise into the parent run."""
+         register_as: Optional[str], trial_retries: int, uri: str, experiment: str, storage: str, parent_id: str,
+         trials: list[dict]) -> dict[str, Any]:
+    """Run the trials that are not done (fixed configs), then, for Optuna, new trials up to
+    num_samples (told every result so far); summarise all trials into the parent run."""
     from ray import tune
 
     concurrency = max_concurrent or default_concurrency(cfg)
     sweep = {"name": name, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": experiment,
-             "trials_path": f"{storage}/{name}/trials",
-             "context_tags": run_context_tags()}  # local path or s3://, gs:// alike
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep), {"CPU": TRIAL_CPU})
-    path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(path):
-        print(f"[tune] resuming sweep from {path}", file=sys.stderr)
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={key: tune_domain(domain) for key, domain in spec.space.items()},
-            tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec, cfg.trainer.max_steps),
-                search_alg=_search(spec), num_samples=num_samples, max_concurrent_trials=concurrency,
-                trial_name_creator=lambda trial: f"{name}-{trial.trial_id}",
-                trial_dirname_creator=lambda trial: trial.trial_id,
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=trial_retries),
-                                      callbacks=[TrialProgress(spec.metric, spec.num_trials(num_samples))]),
-        )
-    results = fit_interruptibly(tuner)  # Ctrl-C reaches the main thread at once, as for alignprop train
-    return summarize(results, spec, cfg.trainer.max_steps, uri, parent_id, concurrency, register_as)
+             "trials_path": f"{storage}/{name}/trials", "context_tags": run_context_tags()}  # local or s3://, gs://
+    plan = {t["id"]: t["params"] for t in trials}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep, plan=plan),
+                                    {"CPU": TRIAL_CPU})
+    children = sweep_children(uri, experiment, name)
+    pending = _pending(trials, children)
+    total = len(trials) if spec.search != "optuna" else num_samples
+    progress, statuses = TrialProgress(spec.metric, total, done=len(trials) - len(pending)), {}
+    session, max_steps = time.strftime("%Y-%m-%d_%H-%M-%S"), cfg.trainer.max_steps
+
+    def run(part: str, param_space: dict, count: int, scheduler, search=None, callbacks=()) -> None:
+        """One fresh Tune experiment in <sweep>/tune/<session>-<part>/: written by Tune, never read back.
+        tune.run, not Tuner.fit: Tuner's ResultGrid unpickles an errored trial's error.pkl from storage."""
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine prints a box even at verbose=0
+        # in a thread that Ctrl-C interrupts at once, as for alignprop train (launch/trainer.py)
+        analysis = run_interruptibly(lambda: tune.run(
+            trainable, config=param_space, num_samples=count, metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+            search_alg=search, max_concurrent_trials=concurrency, max_failures=trial_retries,
+            raise_on_failed_trial=False, storage_path=f"{storage}/{name}/tune", name=f"{session}-{part}", verbose=0,
+            callbacks=[progress, *callbacks], trial_dirname_creator=trial_label,
+            trial_name_creator=lambda trial: f"{name}-{trial_label(trial)}"))
+        statuses.update({trial_label(t): t.status for t in analysis.trials})
+
+    if pending:  # the fixed configs; ASHA knows the done trials' results and each pending trial's past
+        histories = {t["id"]: metric_history(uri, children[t["id"]].info.run_id, spec.metric) if t["id"] in children
+                     else [] for t in trials}
+        prior = {tid: h for tid, h in histories.items() if all(tid != t["id"] for t in pending)}
+        resumed = {t["id"]: histories[t["id"]] for t in pending}
+        run("trials", {TRIAL_KEY: tune.grid_search([t["id"] for t in pending])}, 1,
+            _scheduler(spec, max_steps, prior, resumed))
+    remaining = num_samples - len(trials) if spec.search == "optuna" else 0
+    if remaining > 0:  # Optuna's new trials, told every result so far; recorded in the plan as they start
+        children = sweep_children(uri, experiment, name)
+        known = [t for t in trials if t["id"] in children and spec.metric in children[t["id"]].data.metrics]
+        evaluated = ([t["params"] for t in known], [children[t["id"]].data.metrics[spec.metric] for t in known])
+        prior = {t["id"]: metric_history(uri, children[t["id"]].info.run_id, spec.metric) for t in known}
+        recorder = PlanRecorder(storage, name, spec, num_samples, trials)
+        run("search", {key: tune_domain(domain) for key, domain in spec.space.items()}, remaining,
+            _scheduler(spec, max_steps, prior), _search(spec, evaluated), [recorder])
+    rows = _close_stopped_and_rows(trials, statuses, spec, max_steps, uri, experiment, name)
+    return summarize(rows, spec, uri, parent_id, concurrency, register_as)
+
+
+def _close_stopped_and_rows(trials: list[dict], statuses: dict[str, str], spec: SweepSpec, max_steps: int, uri: str,
+                            experiment: str, name: str) -> list[dict[str, Any]]:
+    """A trial Tune ended normally this session whose run is not FINISHED was stopped by ASHA before
+    it could close its run (left RUNNING, or FAILED by the interruption): KILLED, tagged early-stopped,
+    so a rerun leaves it stopped. Then one row per trial from MLflow."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for trial_id, run in sweep_children(uri, experiment, name).items():
+        if run.info.status != "FINISHED" and statuses.get(trial_id) == "TERMINATED":
+            client.set_tag(run.info.run_id, "alignprop.early_stopped", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+    return summary_rows(trials, sweep_children(uri, experiment, name), statuses, spec, max_steps)
