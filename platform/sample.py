@@ -21,8 +21,8 @@ import torch
 from .config import ConfigError, RunConfig
 from .models import LORA_WEIGHTS_NAME, load_pipeline
 from .console import load_lora_weights
-from ..trainers.families import family_of
-from .soup.mix import lora_weights_file
+from ..trainers.families import denoiser_of, family_of
+from .soup.mix import check_fits, lora_weights_file
 from .mlflow_model import lora_in_model, mlflow_uris
 from .tracking import resolve_tracking_uri
 
@@ -95,6 +95,8 @@ def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Option
     lora_file = lora_weights_file(lora_path, source=lora) if lora_path else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.model).to(device)
+    if lora_file is not None:
+        check_fits(lora_file, denoiser_of(pipe))  # before diffusers' "size mismatch" traceback
     family = family_of(pipe)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ state), `perf.py` (the `perf:` switches).
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import torch
 
 from ..platform.config import RunConfig, read_prompt_file, refl_bounds
 from ..platform.console import progress_bar
+from ..platform.errors import NonFiniteError
 from ..platform.models import add_lora, load_pipeline, save_lora
 from ..platform.tracking import Tracker
 from ..rewards import build_rewards
@@ -318,6 +320,7 @@ class AlignPropRecipe:
             self.tracker.log_metrics(state.last_eval, 0)
         while state.step < cfg.max_steps and not state.early_stop.get("stopped"):
             metrics = self.train_step(state.step)
+            self._stop_if_not_finite(metrics, state.step + 1)
             state.step += 1
             last = state.step == cfg.max_steps
             evaluating = cfg.eval_every and (state.step % cfg.eval_every == 0 or last)
@@ -337,6 +340,19 @@ class AlignPropRecipe:
         bar.close()
         self._log_final_adapters()
         return metrics
+
+    def _stop_if_not_finite(self, metrics: dict[str, float], step: int) -> None:
+        """A NaN or infinite loss, gradient norm or LoRA weight ends the run (every rank sees the same
+        gathered metrics and weights) before the step is logged or checkpointed: the checkpoints before it
+        stay the last ones. fp16's dynamic loss scale skips overflowing steps itself: its grad norm may be inf."""
+        fp16 = resolve_precision(self.cfg.deepspeed.precision, self.ctx.device) == "fp16"
+        bad = [f"{key} {metrics[key]}" for key in ("loss", *(() if fp16 else ("grad_norm",)))
+               if key in metrics and not math.isfinite(metrics[key])]
+        bad += [f"LoRA weight {name}" for name, p in self.lora_parameters() if not torch.isfinite(p).all()][:1]
+        if bad:
+            raise NonFiniteError(f"step {step}: {', '.join(bad)} not finite; the run stops and its earlier checkpoints "
+                                 "are kept; accepted: a lower optim.lr, optim.max_grad_norm > 0, or smaller reward "
+                                 "weights")
 
     def _report(self, metrics: dict[str, float], checkpoint: bool) -> None:
         """One report per step on every rank; with a checkpoint every `ckpt_every` steps and at the end."""

@@ -85,7 +85,45 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except json.JSONDecodeError:
         raise ConfigError(f"--lora: {file} has unreadable {METADATA_KEY} metadata; accepted: an adapter saved by "
                           "alignprop or diffusers") from None
-    return state, {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in meta.items()}
+    meta = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in meta.items()}
+    _check_ranks(file, state, meta)
+    return state, meta
+
+
+def _check_ranks(file: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+    """Each pair is A (r × in) and B (out × r) of one rank, and the metadata's rank (r, rank_pattern)
+    is that rank: an adapter whose metadata lies would be rescaled by alpha / r silently."""
+    for prefix, (down_key, up_key) in _pairs(state).items():
+        down, up = state[down_key], state.get(up_key)
+        if up is None or down.ndim < 2 or up.ndim < 2 or down.shape[0] != up.shape[1]:
+            shapes = f"{tuple(down.shape)} and {None if up is None else tuple(up.shape)}"
+            raise ConfigError(f"--lora: {file}: {prefix} has LoRA matrices of shapes {shapes}, not A (r × in) and "
+                              f"B (out × r); accepted: {LORA_ACCEPTED}")
+        declared = next((v for pattern, v in (meta.get("rank_pattern") or {}).items() if prefix.endswith(pattern)),
+                        meta.get("r", down.shape[0]))
+        if declared != down.shape[0]:
+            raise ConfigError(f"--lora: {file}: its metadata says rank {declared} but {prefix} has rank "
+                              f"{down.shape[0]}; accepted: an adapter whose metadata matches its tensors")
+
+
+def check_fits(path: str | Path, denoiser: torch.nn.Module) -> None:
+    """The adapter's modules exist in `denoiser` with its shapes: A's input and B's output sizes are the
+    base layer's (a LoRA of another base model is refused in one line, before diffusers loads it)."""
+    file = lora_weights_file(path)
+    state, _ = read_lora(file)
+    modules = dict(denoiser.named_modules())
+    for prefix, (down_key, up_key) in _pairs(state).items():
+        name = prefix.removeprefix("unet.").removeprefix("transformer.")
+        module = modules.get(name) or modules.get(name.removesuffix(".lora"))
+        base_in = getattr(module, "in_features", None)
+        base_out = getattr(module, "out_features", None)
+        if module is None or base_in is None:
+            raise ConfigError(f"--lora: {file}: {name} is no linear layer of this base model's "
+                              f"{type(denoiser).__name__}; accepted: an adapter trained on this base model")
+        got = (state[down_key].shape[1], state[up_key].shape[0])
+        if got != (base_in, base_out):
+            raise ConfigError(f"--lora: {file}: {name} maps {got[0]} → {got[1]} features, the base model's layer "
+                              f"{base_in} → {base_out}; accepted: an adapter trained on this base model")
 
 
 def _pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
@@ -115,6 +153,11 @@ def mix_delta(adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) -
     if any(m.keys() != modules[0].keys() for m in modules):
         raise ConfigError("--lora: the adapters target different modules; accepted: adapters of the same base model "
                           "and lora.target_modules")
+    for prefix, (down_key, up_key) in modules[0].items():
+        sizes = {(state[down_key].shape[1], state[up_key].shape[0]) for state, _ in adapters}
+        if len(sizes) > 1:
+            raise ConfigError(f"--lora: the adapters' {prefix} have different shapes (in → out {sorted(sizes)}); "
+                              "accepted: adapters of the same base model")
     out = {}
     for prefix, (down_key, up_key) in modules[0].items():
         downs, ups = [], []
