@@ -153,7 +153,7 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one_through_ray
     cli = [sys.executable, "-m", "alignprop.platform.cli"]
     first = subprocess.run([*cli, *common, "trainer.max_steps=2"], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    checkpoints = sorted((tmp_path / "ray" / "full").glob("checkpoint_*"))
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "full").glob("checkpoint_*") if p.is_dir())  # not Ray's json
     assert len(checkpoints) == 2
     latest = checkpoints[-1] / "optimizer.safetensors"
     latest.write_bytes(latest.read_bytes()[:100])
@@ -181,15 +181,20 @@ def test_a_disk_that_fills_during_a_run_fails_it_in_one_line_and_keeps_the_last_
             while not list((disk / "fill").glob("checkpoint_*/manifest_rank0.json")):  # the first checkpoint is in
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-2000:]
                 time.sleep(0.2)  # polling for the file; the test proceeds on its appearance
-            free = shutil.disk_usage(disk).free
-            (disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # another writer takes the room
+            with open(disk / "filler", "wb", buffering=0) as filler:  # another writer takes the room
+                try:
+                    while True:
+                        filler.write(b"\0" * 256 * 1024)
+                except OSError as err:  # the run writes too: fill until full, then hand back 64 KB
+                    assert err.errno == errno.ENOSPC, err
+                filler.truncate(max(0, os.fstat(filler.fileno()).st_size - 64 * 1024))
             assert proc.wait(timeout=300) == 2
         text = (tmp_path / "out.txt").read_text()
         last = text.strip().splitlines()[-1]
         assert last.startswith("alignprop: error: ray.storage_path: "), last
         assert "the last complete checkpoint is kept" in last, last
         assert "Traceback" not in text, text[-3000:]
-        kept = sorted((disk / "fill").glob("checkpoint_*"))
+        kept = sorted(p for p in (disk / "fill").glob("checkpoint_*") if p.is_dir())
         assert kept and verify_checkpoint(kept[-1]) is None, "the last complete checkpoint is whole"
         from mlflow import MlflowClient
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from ...rewards import check_reward_files
@@ -94,11 +95,23 @@ def _check_target_modules(cfg: RunConfig) -> None:
 
 
 def _check_writable(path: Path, field_name: str) -> None:
-    """`path` (which may not exist yet) can be created and written by this user; writes nothing."""
+    """`path` (which may not exist yet) can be created and written by this user; leaves nothing behind."""
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     _check(probe.is_dir(), field_name,
            f"{str(probe)!r} is not a directory; accepted: a writable directory or s3://, gs:// URI")
-    _check(os.access(probe, os.W_OK | os.X_OK), field_name,
+    _check(os.access(probe, os.W_OK | os.X_OK) and _can_create_in(probe), field_name,
            f"{str(probe)!r} is not writable by this user; accepted: a writable directory or s3://, gs:// URI")
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a file can be made there: root passes `os.access` everywhere, /proc and read-only mounts
+    included, so a probe file is created and removed at once (the one thing written, and never left)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".alignprop-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True

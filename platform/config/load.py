@@ -58,6 +58,7 @@ def load_config(name_or_path: str, overrides: Sequence[str] = (), paths: bool = 
         if missing:
             raise ConfigError(f"{missing[0]}: '???' (a missing value); accepted: a value for {missing[0]}")
         cfg: RunConfig = OmegaConf.to_object(merged)
+        to_dict(cfg)  # element types of lists (a prompt list nested in a list) are checked on the way back
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
     except ConfigError:
@@ -115,6 +116,9 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
         return f"{key}: got {bad_type[1]!r}; accepted: a {bad_type[2].lower()}"
     if key in _LIST_FIELDS:
         return f"{key}: not a list; accepted: {_LIST_FIELDS[key]}"
+    listed = re.sub(r"\[\d+\]$", "", key)
+    if listed in _LIST_FIELDS:  # an element of the wrong type (a list nested in a list)
+        return f"{key}: {first}; accepted: {_LIST_FIELDS[listed]}"
     section = re.match(r"Merge error: \w+ is not a subclass of (\w+)Section", first)
     if section or "is not a subclass of" in first:
         name = key or (section[1].lower() if section else "config")

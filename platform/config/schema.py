@@ -178,6 +178,7 @@ class RaySection:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     resource_wait_s: Optional[float] = None  # None: refuse at once on a local Ray, wait up to 600 s on a cluster
     storage_path: Optional[str] = None  # None: ~/ray_results
+    start_timeout_s: float = 120.0  # a local Ray that times out during startup (a busy machine) starts again until then
     max_failures: int = 0
 
 

@@ -22,7 +22,7 @@ BOUNDS = {
     "sampling.num_steps": (1, 1000), "sampling.resolution": (8, 4096), "sampling.guidance_scale": (1, 100.0),
     "trainer.batch_size": (1, 1024), "trainer.max_steps": (1, 10_000_000), "trainer.seed": (0, 2**31 - 1),
     "trainer.eval_seed": (0, 2**31 - 1), "trainer.keep_checkpoints": (1, 1000),
-    "lora.rank": (1, 1024), "lora.alpha": (0, 1e4), "ray.num_workers": (1, 4096),
+    "lora.rank": (1, 1024), "lora.alpha": (0, 1e4), "ray.num_workers": (1, 4096), "ray.start_timeout_s": (0, 3600.0),
     "ddpo.inner_epochs": (1, 100), "ddpo.clip_range": (0, 100.0), "ddpo.adv_clip_max": (0, 1e3),
     "draft_lv.copies": (1, 64),
 }

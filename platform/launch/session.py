@@ -55,7 +55,7 @@ def driver_session(cfg: RunConfig, name: str, storage: str, uri: str, experiment
         with run_lock(storage, name):
             if prepare is not None:
                 prepare()
-            started = init_ray(address)
+            started = init_ray(address, cfg.ray.start_timeout_s)
             wait_for_cluster_resources(cfg)
             with tracked_run(uri, experiment, name, params, config_yaml, tags, datasets=datasets) as run_id:
                 yield run_id

@@ -4,6 +4,7 @@ the per-worker entry that runs the recipe, and `fit()` in a thread that Ctrl-C c
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -28,6 +29,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _quiet_ray_train_reports()
+    _quiet_run_failures()
     cfg, context = from_dict(config["run"]), ray.train.get_context()
     if config.get("prompts"):  # read on the driver: workers run elsewhere (other cwd, other nodes)
         cfg.trainer.prompts, cfg.trainer.prompt_file = list(config["prompts"]), None
@@ -56,8 +58,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _quiet_ray_train_reports() -> None:
     """Ray Train V2 logs every report of every rank at INFO (the whole metrics dict, per step);
     our rank-0 progress bar and MLflow already carry them."""
-    import logging
-
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # a Ray without that internal module: keep its logging
@@ -65,10 +65,26 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+class _DropRunFailure(logging.Filter):
+    """Drops Ray Train's "Error in training function" traceback while the error is a `RunFailedError`:
+    its one line reaches the driver (`fit_interruptibly`), which prints it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not isinstance(sys.exc_info()[1], RunFailedError)
+
+
+def _quiet_run_failures() -> None:
+    """In a worker: Ray Train logs the traceback of whatever ends the training function; a full disk or a
+    diverging loss is one line (errors.RunFailedError), not a traceback per worker."""
+    logger = logging.getLogger("ray.train.v2._internal.util")  # where Ray formats the worker's exception
+    if not any(isinstance(f, _DropRunFailure) for f in logger.filters):
+        logger.addFilter(_DropRunFailure())
+
+
 def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Sequence[Any] = (),
                   storage_path: Optional[str] = None):
     """The TorchTrainer of one run; the same for `alignprop train` and every sweep trial."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path = storage_path or resolve_storage_path(cfg.ray.storage_path)
@@ -93,6 +109,9 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
             callbacks=list(callbacks),
+            # The controller logs each worker failure with its traceback at INFO ("[FailurePolicy] RAISE");
+            # the driver raises it (a RunFailedError as one line), and Ray's own warnings stay on the console.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

@@ -321,17 +321,21 @@ def _extremes(domain: dict) -> list[Any]:
     return list(domain["categories" if kind == "choice" else "values"])
 
 
-def _validate_combinations(space: dict[str, dict], cfg: RunConfig) -> None:
-    """Every combination of the dimensions' extremes gives a valid run config (catches K > N when K
-    and N both vary). Past MAX_COMBINATIONS: full combinations that hold every value of each dimension
-    and every pair of values of each pair of dimensions (a pairwise covering set)."""
-    base = to_dict(cfg)
+def extreme_rows(space: dict[str, dict]) -> list[dict[str, Any]]:
+    """Combinations of the dimensions' extremes: all of them, or past MAX_COMBINATIONS full combinations
+    that hold every value of each dimension and every pair of values of each pair of dimensions."""
     extremes = {key: _extremes(domain) for key, domain in space.items()}
     if math.prod(len(v) for v in extremes.values()) <= MAX_COMBINATIONS:
-        rows = [dict(zip(extremes, values)) for values in itertools.product(*extremes.values())]
-    else:
-        rows = _pairwise_rows(extremes)
-    for row in rows:
+        return [dict(zip(extremes, values)) for values in itertools.product(*extremes.values())]
+    return _pairwise_rows(extremes)
+
+
+def _validate_combinations(space: dict[str, dict], cfg: RunConfig) -> None:
+    """Every combination of the dimensions' extremes gives a valid run config (catches K > N when K
+    and N both vary)."""
+    base = to_dict(cfg)
+    extremes = {key: _extremes(domain) for key, domain in space.items()}
+    for row in extreme_rows(space):
         error = _config_error(base, row)
         if error is not None:
             _raise_combination(base, row, extremes, error)

@@ -21,13 +21,13 @@ from typing import Any, Optional
 from ray.tune import Callback
 
 from ..config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
-from ..launch import (build_trainer, check_resume_safety, driver_session, resolve_storage_path, resolved_tracking_uri,
-                      run_interruptibly)
+from ..launch import (build_trainer, check_local_resources, check_resume_safety, driver_session, ray_address,
+                      resolve_storage_path, resolved_tracking_uri, run_interruptibly)
 from ..mlflow_model import check_model_name, log_run_model
 from ..tracking import prompt_sets, run_context_tags, tracked_run
 from .resume import (PLAN_FILE, TRIAL_KEY, PlanRecorder, SeededASHA, ignored_tune_state, is_done, metric_history,
                      new_plan, plan_path, read_plan, summary_rows, sweep_children, trial_label, write_plan)
-from .space import SweepSpec, apply_params, tune_domain
+from .space import SweepSpec, apply_params, extreme_rows, tune_domain
 from .summary import close_child_runs, summarize
 
 TRIAL_CPU = 0.02  # the trial's own driver; its Train workers reserve their own resources
@@ -126,6 +126,8 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
                      "sweep.scheduler": spec.scheduler, "sweep.search": spec.search, "sweep.num_samples": num_samples,
                      **flatten(to_dict(cfg))}
     tags, planned = {"alignprop.sweep": name, "alignprop.role": "sweep"}, {}
+    if ray_address(cfg) is None:
+        check_trials_fit(cfg, spec)
 
     def plan_trials() -> None:  # under the sweep's lock, before Ray starts: a bad plan takes no resources
         planned["trials"] = _plan(cfg, spec, num_samples, name, storage, uri, experiment)
@@ -139,6 +141,17 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
         except KeyboardInterrupt:
             close_child_runs(uri, parent_id, "KILLED")  # the trials die with this process
             raise
+
+
+def check_trials_fit(cfg: RunConfig, spec: SweepSpec) -> None:
+    """On a local Ray, every trial must fit this machine: each combination of the space's extremes
+    (e.g. a `ray.num_workers` choice of 64) is checked like one `alignprop train`, before Ray starts."""
+    for row in extreme_rows(spec.space):
+        try:
+            check_local_resources(apply_params(cfg, row))
+        except ConfigError as err:
+            shown = ", ".join(f"{k}={v}" for k, v in row.items())
+            raise ConfigError(f"space ({shown}): {err}") from None
 
 
 def _plan(cfg: RunConfig, spec: SweepSpec, num_samples: int, name: str, storage: str, uri: str,

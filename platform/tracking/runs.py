@@ -52,6 +52,10 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
 
 def probe_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, in one line, on a tracking URI that cannot work (before Ray or a run starts)."""
+    if uri.startswith("file:") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise ConfigError(f"tracking.uri: got {uri} (a file store, which MLflow 3 keeps in maintenance mode and "
+                          "refuses); accepted: sqlite:///abs/path/mlflow.db, an http(s):// MLflow server, or "
+                          "MLFLOW_ALLOW_FILE_STORE=true to use the file store anyway")
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request

@@ -1,0 +1,75 @@
+"""What the driver refuses before Ray starts, and what it leaves behind when it is killed: a Ray address
+that is a web server, more workers than this machine holds (also as a sweep's choice), and no Ray
+process surviving a SIGKILLed `alignprop train`."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import subprocess_env
+from test_cli_errors import assert_one_error_line, run_cli
+
+
+@pytest.fixture()
+def web_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_a_ray_address_that_is_a_web_server_is_refused_at_once(tmp_path, web_server):
+    started = time.monotonic()
+    proc = run_cli(["train", "--config", "tiny-cpu", f"ray.address=127.0.0.1:{web_server}",
+                    f"ray.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], tmp_path)
+    message = assert_one_error_line(proc, "ray.address: ")
+    assert "answers as a web server" in message and time.monotonic() - started < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_more_workers_than_this_machine_holds_are_refused_before_ray(tmp_path):
+    proc = run_cli(["train", "--config", "tiny-cpu", "ray.num_workers=4000", "ray.resources_per_worker={CPU: 0.0001}",
+                    f"ray.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], tmp_path)
+    assert "MB of memory" in assert_one_error_line(proc, "ray.num_workers: 4000 workers need at least ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_sweep_choice_this_machine_cannot_hold_is_refused_before_ray(tmp_path):
+    (tmp_path / "w.yaml").write_text("metric: eval/reward_total\nspace:\n"
+                                     "  ray.num_workers: {space: choice, categories: [1, 64]}\n")
+    proc = run_cli(["tune", "--config", "tiny-cpu", "--space", str(tmp_path / "w.yaml"),
+                    f"ray.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], tmp_path)
+    message = assert_one_error_line(proc, "space (ray.num_workers=64): ray.num_workers")
+    assert "64 workers" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.yaml"]
+
+
+@pytest.mark.slow
+def test_no_ray_process_outlives_a_driver_killed_with_sigkill(tmp_path):
+    cmd = [sys.executable, "-m", "alignprop.platform.cli", "train", "--config", "tiny-cpu", "ray.num_workers=1",
+           "ray.resources_per_worker={CPU: 0.98}", "trainer.max_steps=500", "trainer.eval_every=0",
+           "sampling.num_steps=2", "truncation.k=1", f"ray.storage_path={tmp_path}/ray",
+           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    with open(tmp_path / "out.txt", "w") as out:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(),
+                                  start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "step " not in (tmp_path / "out.txt").read_text():  # training has started: every Ray process is up
+        assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-2000:]
+        time.sleep(0.5)  # polling the log for the first step line
+    ray_processes = [p for p in psutil.Process(driver.pid).children(recursive=True)]
+    names = {p.name() for p in ray_processes}
+    assert len(ray_processes) >= 4, names
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    gone, alive = psutil.wait_procs(ray_processes, timeout=20)
+    assert not alive, f"still running 20 s after the driver's SIGKILL: {[(p.pid, p.name()) for p in alive]}"
