@@ -5,6 +5,7 @@ the driver is gone, and the reaper kills those that are still alive (matched by 
 a reused PID is never hit).
 
     start_reaper()          # after ray.init(address="local"); the driver keeps the pipe open until it exits
+    tell_reaper()           # optional: tell it the descendants now (a thread does so every EVERY_S seconds)
 
 Ray starts its daemons with kill-on-parent-death, but the dashboard's and the runtime-env agents are
 the raylet's children and outlive a SIGKILLed driver by many seconds (issue 20: both still running
@@ -52,21 +53,35 @@ def _descendants() -> list[tuple[int, float]]:
     return found
 
 
+_pipe = None  # the write end, held by this driver only: one reaper per driver process
+_reaper_pid = None
+_writing = threading.Lock()  # the thread and an explicit tell_reaper() never interleave a line
+
+
+def tell_reaper() -> None:
+    """Tell the reaper this driver's descendants now; a no-op without one, or once it is gone."""
+    if _pipe is None:
+        return
+    try:
+        with _writing:
+            _pipe.write(json.dumps([p for p in _descendants() if p[0] != _reaper_pid]) + "\n")
+    except (OSError, ValueError):  # the reaper is gone, or the interpreter is shutting down
+        pass
+
+
 def start_reaper() -> None:
     """Start the reaper and a daemon thread that keeps telling it this driver's descendants."""
+    global _pipe, _reaper_pid
     read, write = os.pipe()
     reaper = subprocess.Popen([sys.executable, "-c", REAPER], stdin=read, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     os.close(read)
-    pipe = os.fdopen(write, "w", buffering=1)  # not inheritable: Ray's processes never hold it open
-    own = reaper.pid
+    _pipe = os.fdopen(write, "w", buffering=1)  # not inheritable: Ray's processes never hold it open
+    _reaper_pid = reaper.pid
 
-    def tell() -> None:
-        while True:
-            try:
-                pipe.write(json.dumps([p for p in _descendants() if p[0] != own]) + "\n")
-            except (OSError, ValueError):  # the reaper is gone, or the interpreter is shutting down
-                return
+    def keep_telling() -> None:
+        while not _pipe.closed:
+            tell_reaper()
             threading.Event().wait(EVERY_S)
 
-    threading.Thread(target=tell, name="alignprop-reaper", daemon=True).start()
+    threading.Thread(target=keep_telling, name="alignprop-reaper", daemon=True).start()
