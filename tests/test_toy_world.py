@@ -159,7 +159,8 @@ def test_cli_builds_to_a_time_budget_and_the_directory_loads_offline(tmp_path, c
     assert "alignprop toy-world build" in build_md
     for f in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert hashlib.sha256((out / f).read_bytes()).hexdigest() in build_md
-    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(out)  # the plain call: fp16 on disk, every part fp32 loaded
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     image = pipe("one red circle on a white background", num_inference_steps=2, output_type="pt").images
     assert image.shape == (1, 3, 32, 32)
 
@@ -184,7 +185,8 @@ def test_shipped_pipeline_loads_offline_and_passes_a_small_quality_bar(capsys, m
     build_md = (shipped / "BUILD.md").read_text()
     for path in sorted(shipped.glob("*/*.safetensors")):  # the shipped files are the recorded ones
         assert hashlib.sha256(path.read_bytes()).hexdigest() in build_md, path
-    pipe = StableDiffusionPipeline.from_pretrained(shipped, local_files_only=True, dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(shipped)  # what a diffusers user writes: no dtype, no options
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     pipe.set_progress_bar_config(disable=True)
     report = evaluate(pipe, [c.text for c in HELDOUT_CAPTIONS[:16]], seeds=(0,))
     assert report.colour_match >= 0.8 and report.count_exact >= 0.6, report.summary()

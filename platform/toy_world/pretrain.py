@@ -442,7 +442,17 @@ def _save_pipeline(run: _Run) -> list[dict]:
     )
     with loading_bars_off():
         shipped.save_pretrained(run.out, safe_serialization=True)
+    _load_text_encoder_as_float32(run.out / "text_encoder" / "config.json")
     return file_rows(run.out, sorted(p for d in WEIGHT_DIRS for p in (run.out / d).glob("*.safetensors")))
+
+
+def _load_text_encoder_as_float32(config: Path) -> None:
+    """Weights stay fp16 on disk; the config's dtype says float32, the dtype diffusers gives the UNet and
+    VAE without `torch_dtype`. transformers 5 loads a text encoder in its config's dtype, so a plain
+    `StableDiffusionPipeline.from_pretrained(dir)` would otherwise mix fp16 and fp32 and fail at its call."""
+    values = json.loads(config.read_text())
+    values["dtype"] = "float32"
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def file_rows(root: Path, paths: list[Path]) -> list[dict]:
