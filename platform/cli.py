@@ -7,7 +7,10 @@
     alignprop soup --lora A --lora B --weights 0.7 0.3 --out DIR  # mix trained adapters
     alignprop tiny-model DIR [--family sd|sdxl|sd3]         # save a tiny offline pipeline
     alignprop rewards list                                  # rewards, what they load, whether weights are here
-    alignprop presets                                       # list the shipped presets
+    alignprop register runs:/<id>/model --name NAME         # register a finished run's Model (trains nothing)
+    alignprop presets                                       # the shipped presets, one line each
+    alignprop config tiny-cpu [key=value ...]               # the resolved config as YAML
+    alignprop --version
     alignprop toy-world build DIR | path | eval [DIR]       # the pretrained toy world (platform/toy_world/cli.py)
 
 Each subcommand is a parser function (`_add_<name>`) and a handler (`_<name>(args)`); the handlers
@@ -20,10 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .console import quiet_known_noise
 from .errors import ConfigError, RunBusyError, RunFailedError, UnsafeCheckpointError
-from .presets import list_presets
+from .presets import describe_preset, list_presets
 from .toy_world import cli as toy_world_cli
 
 ONE_LINE_ERRORS = (ConfigError, FileNotFoundError, RunBusyError, RunFailedError, UnsafeCheckpointError)
@@ -62,12 +66,17 @@ def _add_train(sub) -> None:
     train.add_argument("--run-name", help="run name (default: <config>-<hash>; same name = resume)")
     train.add_argument("--register",
                        help="register the run's MLflow Model (runs:/<id>/model) under this name, alias 'best'")
+    train.add_argument("--dry-run", action="store_true", help="check the config, the services and the storage; "
+                       "print the run name and whether it would resume; start nothing")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .launch import launch
+    from .launch import dry_run, launch
     from .launch.summary import print_summary
 
+    if args.dry_run:
+        print("\n".join(dry_run(_load(args))))
+        return
     print_summary(launch(_load(args), register=args.register))
 
 
@@ -101,8 +110,11 @@ def _tune(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- sample
 def _add_sample(sub) -> None:
     sample = sub.add_parser("sample", help="write PNGs with and without a trained LoRA")
-    _config_args(sample)
-    sample.add_argument("--lora", help="LoRA directory/file or MLflow artifact URI (runs:/<run_id>/lora/final)")
+    _config_args(sample, required=False)
+    sample.add_argument("--lora", help="LoRA directory/file or MLflow artifact URI (runs:/<run_id>/lora/final); "
+                        "an MLflow one brings its run's config (the default for --config)")
+    sample.add_argument("--any-base", action="store_true",
+                        help="sample a --config whose base model differs from the one the LoRA was trained on")
     sample.add_argument("--prompt", action="append", required=True, help="repeatable")
     sample.add_argument("--out", required=True, help="output directory")
     sample.add_argument("--seed", type=int, default=0)
@@ -110,9 +122,10 @@ def _add_sample(sub) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from .sample import write_samples
+    from .sample import sample_setup, write_samples
 
-    for path in write_samples(_load(args), args.prompt, args.out, args.lora, args.seed, args.tracking_uri):
+    cfg, lora_path = sample_setup(args.config, _with_flags(args), args.lora, args.tracking_uri, args.any_base)
+    for path in write_samples(cfg, args.prompt, args.out, args.lora, args.seed, args.tracking_uri, lora_path):
         print(path)
 
 
@@ -228,12 +241,49 @@ def _tiny_model(args: argparse.Namespace) -> None:
     print(save_tiny_pipeline(args.dir, args.family))
 
 
+def _add_register(sub) -> None:
+    register = sub.add_parser("register", help="register a finished run's MLflow Model under a name, alias 'best' "
+                              "(trains nothing; `train --register` registers a new run)")
+    register.add_argument("model", help="runs:/<run_id>/model")
+    register.add_argument("--name", required=True, help="registered model name; models:/NAME@best then loads it")
+    register.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+
+
+def _register(args: argparse.Namespace) -> None:
+    from .mlflow_model import check_model_name, register_model, run_id_of_model_uri
+    from .tracking import probe_tracking_uri, resolve_tracking_uri
+
+    run_id = run_id_of_model_uri(args.model)
+    check_model_name(args.name, "--name")
+    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    probe_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # MLflow would create it
+        raise ConfigError(f"--tracking-uri: no MLflow store at {uri}; accepted: the store the run was tracked in "
+                          "(--tracking-uri or MLFLOW_TRACKING_URI)")
+    version = register_model(uri, args.name, run_id, flag="--name")
+    print(f"[alignprop] registered {args.model} as {version}, alias best: models:/{args.name}@best at {uri}")
+
+
 def _add_presets(sub) -> None:
-    sub.add_parser("presets", help="list the shipped presets")
+    sub.add_parser("presets", help="list the shipped presets, one line each")
 
 
 def _presets(args: argparse.Namespace) -> None:
-    print("\n".join(list_presets()))
+    names = list_presets()
+    width = max(map(len, names))
+    print("\n".join(f"{name:<{width}}  {describe_preset(name)}" for name in names))
+
+
+def _add_config(sub) -> None:
+    config = sub.add_parser("config", help="print a preset (or YAML) with overrides applied, as the run would use it")
+    config.add_argument("config", help=f"preset ({', '.join(list_presets())}) or YAML path")
+    config.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 truncation.k=5")
+
+
+def _config(args: argparse.Namespace) -> None:
+    from .config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, list(args.overrides), paths=False)), end="")
 
 
 def _add_rewards(sub) -> None:
@@ -252,17 +302,28 @@ def _rewards(args: argparse.Namespace) -> None:
 COMMANDS = {
     "train": (_add_train, _train), "tune": (_add_tune, _tune), "sample": (_add_sample, _sample),
     "bench": (_add_bench, _bench), "soup": (_add_soup, _soup), "tiny-model": (_add_tiny_model, _tiny_model),
-    "presets": (_add_presets, _presets), "rewards": (_add_rewards, _rewards),
+    "register": (_add_register, _register), "presets": (_add_presets, _presets), "config": (_add_config, _config),
+    "rewards": (_add_rewards, _rewards),
     "toy-world": (toy_world_cli.add_parser, toy_world_cli.run),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignprop", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"alignprop {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alignprop-platform")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -260,17 +261,23 @@ def run_model(client, run_id: str):
     return max(models, key=lambda m: m.creation_timestamp, default=None)
 
 
-def register_model(tracking_uri: str, name: str, run_id: str) -> str:
+def register_model(tracking_uri: str, name: str, run_id: str, flag: str = "--register") -> str:
     """Register the run's Model (`runs:/<run_id>/model`) as a new version of `name`, with the tracking
-    URI as the registry, and point alias `best` at it. Returns `models:/<name>/<version>`."""
+    URI as the registry, and point alias `best` at it. Returns `models:/<name>/<version>`. `flag`
+    names the option in errors."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    check_model_name(name)
+    check_model_name(name, flag)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    model = run_model(client, run_id)
+    try:
+        model = run_model(client, run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        model = None
     if model is None:
-        raise ConfigError(f"--register: run {run_id} has no MLflow Model named {MODEL_NAME!r} at {tracking_uri}; "
+        raise ConfigError(f"{flag}: run {run_id} has no MLflow Model named {MODEL_NAME!r} at {tracking_uri}; "
                           "accepted: a run that finished training (it logs runs:/<run_id>/model)")
     try:
         client.create_registered_model(name)
@@ -281,6 +288,26 @@ def register_model(tracking_uri: str, name: str, run_id: str) -> str:
         version = client.create_model_version(name, f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id)
     client.set_registered_model_alias(name, ALIAS, version.version)
     return f"models:/{name}/{version.version}"
+
+
+def run_id_of_model_uri(model_uri: str) -> str:
+    """`runs:/<run_id>/model` (or `runs:/<run_id>`) → run_id; anything else is a one-line error."""
+    match = re.fullmatch(r"runs:/([0-9a-f]{32})(?:/model)?/?", model_uri)
+    if match is None:
+        raise ConfigError(f"model: got {model_uri!r}; accepted: runs:/<run_id>/model (a run's MLflow Model)")
+    return match.group(1)
+
+
+def config_in_model(path: str | os.PathLike) -> Optional[Path]:
+    """A downloaded MLflow Model directory → the run's config.yaml inside it (artifacts.config), or None."""
+    import yaml
+
+    path = Path(path)
+    if not (path / "MLmodel").is_file():
+        return None
+    flavor = (yaml.safe_load((path / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+    relative = ((flavor.get("artifacts") or {}).get("config") or {}).get("path")
+    return path / relative if relative and (path / relative).is_file() else None
 
 
 def lora_in_model(path: str | os.PathLike) -> Path:

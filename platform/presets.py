@@ -2,7 +2,7 @@
 
     list_presets()                  # ['sd15-aesthetic', ..., 'toy-count']
     resolve_preset("tiny-cpu")      # platform/configs/tiny-cpu.yaml; a YAML path is taken as given
-    describe_preset("toy-count")    # the preset's first comment line
+    describe_preset("toy-count")    # the first sentence of its opening comment
 
 Each preset begins with a comment that says what it is and shows the command that runs it.
 """
@@ -10,6 +10,7 @@ Each preset begins with a comment that says what it is and shows the command tha
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import ConfigError
@@ -35,9 +36,13 @@ def resolve_preset(name_or_path: str) -> Path:
     return PRESET_DIR / f"{name_or_path}.yaml"
 
 
-def describe_preset(name: str) -> str:
-    """The first line of the preset's opening comment (what it is)."""
+def describe_preset(name: str, width: int = 100) -> str:
+    """The first sentence of the preset's opening comment (what it is), cut to `width` characters."""
+    words = []
     for line in (PRESET_DIR / f"{name}.yaml").read_text().splitlines():
-        if line.startswith("#") and line.strip("# "):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#") or line.startswith("#  "):  # the comment ends, or its commands begin
+            break
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    sentence = re.split(r"(?<=[a-z0-9)])\.\s+(?=[A-Z])", text)[0].rstrip(".")  # not at "et al. 2023"
+    return sentence if len(sentence) <= width else sentence[:width - 1].rsplit(" ", 1)[0] + "…"

@@ -3,11 +3,16 @@
     alignprop sample --config tiny-cpu --lora runs:/<run_id>/lora/final --prompt "a cat" --out samples/
     alignprop sample --config tiny-cpu --lora models:/<name>@best --tracking-uri sqlite:////abs/mlflow.db ...
     alignprop sample --config tiny-cpu --lora runs:/<run_id>/model --prompt "a cat" --out samples/
+    alignprop sample --lora runs:/<run_id>/lora/final --prompt "a cat" --out samples/   # the run's own config
 
 An MLflow URI is resolved against the tracking URI, which is also used as the model registry URI
 (for models:/); nothing is created in the working directory while resolving it. A URI (or a local
 directory) holding an AlignProp run's MLflow Model (`runs:/<id>/model`, `models:/<name>@best`
 registered by `--register`) gives the LoRA inside the Model's artifacts.
+
+Such a LoRA carries its run's config.yaml: without `--config` it is the config sampled with (overrides
+apply); a `--config` whose base model differs from the one the LoRA was trained on is refused in one
+line (noise from a LoRA on the wrong base otherwise), unless `--any-base` says it is meant.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, ModelSection, RunConfig, load_config
 from .models import LORA_WEIGHTS_NAME, load_pipeline
 from .console import load_lora_weights
 from ..trainers.families import denoiser_of, family_of
 from .soup.mix import check_fits, lora_weights_file
-from .mlflow_model import lora_in_model, mlflow_uris
+from .mlflow_model import config_in_model, lora_in_model, mlflow_uris, read_config
 from .tracking import resolve_tracking_uri
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
@@ -53,6 +58,69 @@ def resolve_lora(lora: str, tracking_uri: Optional[str] = None) -> Path:
         path = lora_in_model(path)
     lora_weights_file(path, source=lora)
     return path
+
+
+def sample_setup(config: Optional[str], overrides: Sequence[str], lora: Optional[str],
+                 tracking_uri: Optional[str] = None, any_base: bool = False) -> tuple[RunConfig, Optional[Path]]:
+    """The config to sample with and the resolved LoRA: `config` (checked against the base the LoRA was
+    trained on, when the LoRA says) or, without one, the config of the run that trained the LoRA."""
+    given = load_config(config, overrides) if config else None
+    uri = tracking_uri or (given.tracking.uri if given else None)
+    lora_path, trained = resolve_lora_and_config(lora, uri) if lora else (None, None)
+    if given is None:
+        if trained is None:
+            raise ConfigError("--config: required unless --lora carries its run's config; accepted: a preset or "
+                              "YAML path, or a --lora that is runs:/<run_id>/..., models:/<name>@<alias> or a Model "
+                              "directory")
+        return load_config(str(trained), overrides, paths=False), lora_path
+    if trained is not None and not any_base:
+        theirs = read_config(trained).model
+        if _base(theirs) != _base(given.model):
+            raise ConfigError(f"--config: its base model is {_describe(given.model)}, but {lora} was trained on "
+                              f"{_describe(theirs)}; accepted: no --config (the run's own), a --config with that base, "
+                              "or --any-base to sample this base anyway")
+    return given, lora_path
+
+
+def _base(model: ModelSection) -> tuple:
+    return model.pretrained, model.tiny, model.arch, model.revision
+
+
+def _describe(model: ModelSection) -> str:
+    if model.tiny:
+        return "the tiny pipeline (model.tiny=true)"
+    if model.arch and not model.pretrained:
+        return f"model.arch={model.arch}"
+    return f"model.pretrained={model.pretrained}" + (f"@{model.revision}" if model.revision else "")
+
+
+def resolve_lora_and_config(lora: str, tracking_uri: Optional[str] = None) -> tuple[Path, Optional[Path]]:
+    """`resolve_lora`, and the config.yaml of the run that trained it where the LoRA carries one (an
+    MLflow Model's artifacts, or the run of a runs:/ URI); None for a plain LoRA directory or file."""
+    model_dir = None
+    if is_mlflow_uri(lora):
+        path = _download(lora, tracking_uri)
+    else:
+        path = Path(lora).expanduser()
+    if (path / "MLmodel").is_file():
+        model_dir = path
+    lora_path = resolve_lora(str(path) if is_mlflow_uri(lora) else lora, tracking_uri)
+    if model_dir is not None:
+        return lora_path, config_in_model(model_dir)
+    if lora.startswith("runs:/"):
+        return lora_path, _run_config(lora.split("/")[1], tracking_uri)
+    return lora_path, None
+
+
+def _run_config(run_id: str, tracking_uri: Optional[str]) -> Optional[Path]:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/config.yaml", tracking_uri=uri))
+    except (MlflowException, OSError):  # a run without one (not logged by alignprop train)
+        return None
 
 
 def _download(lora: str, tracking_uri: Optional[str]) -> Path:
@@ -89,9 +157,11 @@ def _check_local_store(uri: str, lora: str) -> None:
 
 @torch.no_grad()
 def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Optional[str], seed: int = 0,
-                  tracking_uri: Optional[str] = None) -> list[Path]:
-    """Writes base_<i>.png (and lora_<i>.png with `lora`) for each prompt, same seed per prompt."""
-    lora_path = resolve_lora(lora, tracking_uri or cfg.tracking.uri) if lora else None  # fail before loading models
+                  tracking_uri: Optional[str] = None, lora_path: Optional[Path] = None) -> list[Path]:
+    """Writes base_<i>.png (and lora_<i>.png with `lora`) for each prompt, same seed per prompt
+    (`lora_path`: `lora` already resolved, by `sample_setup`)."""
+    if lora and lora_path is None:
+        lora_path = resolve_lora(lora, tracking_uri or cfg.tracking.uri)  # fail before loading models
     lora_file = lora_weights_file(lora_path, source=lora) if lora_path else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.model).to(device)

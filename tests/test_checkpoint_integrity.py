@@ -84,6 +84,31 @@ def test_no_whole_checkpoint_left_means_start_afresh(two_checkpoints, tmp_path):
     assert chosen is None and len(broken) == 1 and broken[0][0] == directory and "trainer_state.json" in broken[0][1]
 
 
+def test_train_dry_run_says_which_checkpoint_it_would_resume_from(two_checkpoints, tmp_path, monkeypatch):
+    """`alignprop train --dry-run` over a run's storage: the newest whole checkpoint and its step, a
+    truncated one named and skipped; nothing started, nothing written."""
+    import ray
+
+    from alignprop.platform.config import run_name
+    from test_cli_errors import run_cli
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    overrides = [*TINY, "trainer.max_steps=3", f"ray.storage_path={tmp_path}/ray",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    run_dir = tmp_path / "ray" / run_name(load_config("tiny-cpu", overrides))
+    first, second = (shutil.copytree(d, run_dir / d.name) for d in two_checkpoints)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    proc = run_cli(["train", "--config", "tiny-cpu", "--dry-run", *overrides], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resume: it would resume from {second} (step 2)" in proc.stdout, proc.stdout
+    data = (second / "optimizer.safetensors").read_bytes()
+    (second / "optimizer.safetensors").write_bytes(data[:100])
+    proc = run_cli(["train", "--config", "tiny-cpu", "--dry-run", *overrides], tmp_path)
+    assert f"resume: it would resume from {first} (step 1); {second.name} is incomplete (optimizer.safetensors: " \
+           f"100 of {len(data)} bytes): skipped" in proc.stdout, proc.stdout
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before, "a dry run writes nothing"
+
+
 def _tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],

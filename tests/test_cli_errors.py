@@ -24,17 +24,17 @@ def run_cli(args, cwd):
     interpreter per case); `test_bench_cli_refuses_zero_steps` runs the real command."""
     from alignprop.platform.cli import main
 
-    stderr, here = io.StringIO(), os.getcwd()
+    stderr, stdout, here = io.StringIO(), io.StringIO(), os.getcwd()
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")
     saved = {k: os.environ.pop(k) for k in names if k in os.environ}
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
             code = main(list(args))
     finally:
         os.chdir(here)
         os.environ.update(saved)
-    return SimpleNamespace(returncode=code, stderr=stderr.getvalue())
+    return SimpleNamespace(returncode=code, stderr=stderr.getvalue(), stdout=stdout.getvalue())
 
 
 def run_real_cli(args, cwd):

@@ -23,8 +23,8 @@ from alignprop.platform.config import ConfigError, LoraSection, load_config, to_
 from alignprop.platform.mlflow_model import (MAX_ROWS, MAX_STEPS, decode_image, log_run_model, mlflow_uris,
                                              register_model)
 from alignprop.platform.models import add_lora, build_tiny_pipeline, load_pipeline, save_lora
-from conftest import VENV_BIN, free_port, subprocess_env
-from test_cli_errors import run_cli
+from conftest import REPO, VENV_BIN, free_port
+from test_cli_errors import assert_one_error_line, run_cli
 
 OVERRIDES = ["sampling.num_steps=4", "truncation.k=4"]  # tiny-cpu, 4 DDIM steps: fast and still a real pipeline
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
@@ -165,6 +165,37 @@ def test_sample_cli_takes_a_models_uri_and_writes_only_its_outputs(logged, tmp_p
     assert np.array_equal(sampled, predicted_image), "sample and predict agree, seed for seed"
 
 
+def test_sample_takes_the_base_from_the_loras_run_and_refuses_another_unless_asked(logged, tmp_path):
+    """Without --config the LoRA's run config is sampled (the same images as naming that config); a
+    --config on another base is one line, before anything is written; --any-base samples it anyway."""
+    from PIL import Image
+
+    from alignprop.platform.models import save_tiny_pipeline
+
+    def lora_png(out: str) -> np.ndarray:
+        with Image.open(tmp_path / out / "lora_00.png") as png:
+            return np.asarray(png.convert("RGB"))
+
+    common = ["--tracking-uri", logged["uri"], "--prompt", PROMPTS[0]]
+    lora = f"runs:/{logged['run_id']}/lora/final"
+    own = run_cli(["sample", "--lora", lora, *common, "--out", "own"], tmp_path)
+    named = run_cli(["sample", "--config", "tiny-cpu", *OVERRIDES, "--lora", lora, *common, "--out", "named"], tmp_path)
+    assert own.returncode == 0 and named.returncode == 0, own.stderr + named.stderr
+    assert np.array_equal(lora_png("own"), lora_png("named"))
+    copy = save_tiny_pipeline(str(tmp_path / "tiny-copy"), "sd")  # the same weights, but another base to the config
+    other = ["--config", "tiny-cpu", *OVERRIDES, "model.tiny=false", f"model.pretrained={copy}"]
+    for uri in (lora, logged["model_uri"]):
+        refused = run_cli(["sample", *other, "--lora", uri, *common, "--out", "refused"], tmp_path)
+        message = assert_one_error_line(refused, "--config: its base model is model.pretrained=")
+        assert f"but {uri} was trained on the tiny pipeline (model.tiny=true)" in message
+    assert not (tmp_path / "refused").exists()
+    anyway = run_cli(["sample", *other, "--any-base", "--lora", lora, *common, "--out", "anyway"], tmp_path)
+    assert anyway.returncode == 0, anyway.stderr
+    assert np.array_equal(lora_png("anyway"), lora_png("own")), "the same weights on the other base"
+    no_config = run_cli(["sample", "--lora", str(logged["root"] / "lora"), "--prompt", "a", "--out", "x"], tmp_path)
+    assert_one_error_line(no_config, "--config: required unless --lora carries its run's config")
+
+
 def test_sample_resolves_runs_model_uri_to_the_lora_inside(logged, monkeypatch, tmp_path):
     from alignprop.platform.sample import resolve_lora
 
@@ -174,17 +205,26 @@ def test_sample_resolves_runs_model_uri_to_the_lora_inside(logged, monkeypatch, 
     assert list(tmp_path.iterdir()) == []
 
 
+def readme_serve_line() -> str:
+    """The README's serve command, as a user copies it."""
+    text = (REPO / "README.md").read_text()
+    return next(line for line in text.splitlines() if "mlflow models serve" in line and "models:/NAME@best" in line)
+
+
 def test_mlflow_models_serve_answers_invocations_with_images(logged, tmp_path):
-    """The real `mlflow models serve` (14-18 s here, so not marked slow): JSON in, base64 PNGs out,
-    equal to predict in this process."""
+    """The README's `mlflow models serve` line, run by bash from a shell whose PATH lacks the venv (as a
+    new terminal's), NAME and port filled in (14-18 s here, so not marked slow): JSON in, base64 PNGs
+    out, equal to predict in this process."""
     port = free_port()
+    register_model(logged["uri"], "served", logged["run_id"])
+    (tmp_path / "mlflow.db").symlink_to(logged["root"] / "mlflow.db")  # the README's $PWD/mlflow.db
+    (tmp_path / ".venv").symlink_to(VENV_BIN.parent)  # the venv running these tests
+    line = readme_serve_line().replace("models:/NAME@best", "models:/served@best").replace("-p 5001", f"-p {port}")
+    env = {"HOME": os.environ.get("HOME", str(tmp_path)), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
-    server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", logged["model_uri"], "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=tmp_path, env=subprocess_env(MLFLOW_TRACKING_URI=logged["uri"]), start_new_session=True,
-        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
-    )
+    server = subprocess.Popen(["bash", "-c", line], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
     try:
         while True:  # readiness: /ping answers 200 once the model is loaded
@@ -219,7 +259,7 @@ def test_mlflow_models_serve_answers_invocations_with_images(logged, tmp_path):
     served = [np.asarray(decode_image(p["image"])) for p in predictions]
     local = predict(logged["model_uri"], logged["uri"], seed=3)
     assert all(np.array_equal(a, np.asarray(decode_image(b))) for a, b in zip(served, local.image))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve.log"], "serving wrote into its cwd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".venv", "mlflow.db", "serve.log"], "it wrote into its cwd"
     expected = {"rows": f"prompt: {MAX_ROWS + 1} rows; accepted: 1 to {MAX_ROWS} prompts per request",
                 "num_steps": f"params.num_steps: got 999; accepted: an integer in [1, {MAX_STEPS}]"}
     for what, message in expected.items():  # MLflow's server puts its own "Failed to predict data ..." first
@@ -252,3 +292,29 @@ def test_register_name_is_checked_before_anything_starts(command, tmp_path, monk
     message = assert_one_error_line(proc,
                                     "--register: got 'models:/x'; accepted: a registered model name of letters, digits")
     assert "\n" not in message and list(tmp_path.iterdir()) == []
+
+
+def test_register_cli_registers_a_finished_run_without_training_it(logged, tmp_path):
+    """`alignprop register runs:/<id>/model --name NAME`: a new version with alias best, the run untouched."""
+    from test_cli_errors import assert_one_error_line
+
+    client, run_id = logged["client"], logged["run_id"]
+    before = client.get_run(run_id)
+    uri_flag = ["--tracking-uri", logged["uri"]]
+    proc = run_cli(["register", logged["model_uri"], "--name", "cli-registered", *uri_flag], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from mlflow import MlflowClient
+
+    registry = MlflowClient(logged["uri"], registry_uri=logged["uri"])
+    version = registry.get_model_version_by_alias("cli-registered", "best")
+    assert str(version.version) == "1" and version.run_id == run_id
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.end_time, after.data.metrics) == (
+        before.info.status, before.info.end_time, before.data.metrics), "registering does not touch the run"
+    for args, starts in ((["models:/x/1", "--name", "n", *uri_flag], "model: got 'models:/x/1'; accepted: runs:/"),
+                         ([logged["model_uri"], "--name", "a/b", *uri_flag], "--name: got 'a/b'; accepted: "),
+                         ([f"runs:/{'0' * 32}/model", "--name", "n", *uri_flag], f"--name: run {'0' * 32} has no "),
+                         ([logged["model_uri"], "--name", "n", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"],
+                          "--tracking-uri: no MLflow store at ")):
+        assert_one_error_line(run_cli(["register", *args], tmp_path), starts)
+    assert list(tmp_path.iterdir()) == [], "nothing written"

@@ -10,10 +10,10 @@ local Ray bound to loopback: loopback.py) and the closing summary (summary.py).
 from .ray_cluster import (check_local_resources, free_local_port, init_ray, ray_address, wait_for_cluster_resources,
                           worker_resources)
 from .session import driver_session, resolve_storage_path, resolved_tracking_uri
-from .train import TrainOutcome, check_resume_safety, launch
+from .train import TrainOutcome, check_resume_safety, dry_run, launch
 from .trainer import build_trainer, fit_interruptibly, run_interruptibly, train_loop_per_worker
 
-__all__ = ["TrainOutcome", "build_trainer", "check_local_resources", "check_resume_safety", "driver_session",
+__all__ = ["TrainOutcome", "build_trainer", "check_local_resources", "check_resume_safety", "driver_session", "dry_run",
            "fit_interruptibly", "free_local_port", "init_ray", "launch", "ray_address", "resolve_storage_path",
            "resolved_tracking_uri", "run_interruptibly", "train_loop_per_worker", "wait_for_cluster_resources",
            "worker_resources"]

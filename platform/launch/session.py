@@ -37,6 +37,19 @@ def resolved_tracking_uri(cfg: RunConfig) -> str:
     return resolve_tracking_uri(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
 
 
+def preflight(cfg: RunConfig, storage: str, uri: str) -> Optional[str]:
+    """What fails fast before anything is taken or written: the Ray address (probed), this machine's
+    resources for a local Ray, the tracking URI, room in the storage path. Returns the Ray address."""
+    import ray
+
+    address = ray_address(cfg)
+    if address is None and not ray.is_initialized():
+        check_local_resources(cfg)  # one run (one sweep trial) must fit this machine
+    probe_tracking_uri(uri)
+    check_free_space(cfg, storage)
+    return address
+
+
 @contextmanager
 def driver_session(cfg: RunConfig, name: str, storage: str, uri: str, experiment: str, params: dict[str, Any],
                    config_yaml: str, tags: Optional[dict[str, str]] = None, datasets: Sequence[PromptSet] = (),
@@ -45,11 +58,7 @@ def driver_session(cfg: RunConfig, name: str, storage: str, uri: str, experiment
     `prepare` runs under the lock before Ray starts (a sweep's trial plan): its errors take no resources."""
     import ray
 
-    address = ray_address(cfg)
-    if address is None and not ray.is_initialized():
-        check_local_resources(cfg)  # one run (one sweep trial) must fit this machine
-    probe_tracking_uri(uri)
-    check_free_space(cfg, storage)
+    address = preflight(cfg, storage, uri)
     started = False
     try:
         with run_lock(storage, name):

@@ -2,6 +2,7 @@
 ray.address/RAY_ADDRESS), tracked in MLflow, with an MLflow Model at the end.
 
     alignprop train --config tiny-cpu                       # local Ray, ./mlflow.db
+    alignprop train --config tiny-cpu --dry-run             # checked and described; nothing started or written
     RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- alignprop train --config tiny-cpu
 
 Rerunning with the same run name (deterministic, see `config.run_name`) and storage path resumes
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...trainers.checkpoint import check_checkpoint_files
+from ...trainers.checkpoint_integrity import newest_valid
 from ..config import RunConfig, flatten, run_name, to_dict, to_yaml
 from ..mlflow_model import check_model_name, log_run_model, register_model
-from ..tracking import prompt_sets
-from .session import driver_session, resolve_storage_path, resolved_tracking_uri
+from ..tracking import RUN_NAME_TAG, prompt_sets, quote_filter_value
+from .session import driver_session, preflight, resolve_storage_path, resolved_tracking_uri
 from .trainer import build_trainer, fit_interruptibly
 
 
@@ -62,3 +64,51 @@ def launch(cfg: RunConfig, register: Optional[str] = None) -> TrainOutcome:
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         metrics=dict(result.metrics or {}), model_uri=model_uri, registered=registered,
     )
+
+
+def dry_run(cfg: RunConfig) -> list[str]:
+    """`alignprop train --dry-run`: every check `launch` makes before Ray starts, then what the run would
+    be (name, storage, MLflow run) and whether it would resume; starts nothing and writes nothing."""
+    name, uri = run_name(cfg), resolved_tracking_uri(cfg)
+    storage = resolve_storage_path(cfg.ray.storage_path)
+    check_resume_safety(storage, name)
+    address = preflight(cfg, storage, uri)
+    experiment = cfg.tracking.experiment or cfg.name
+    where = f"the cluster at {address}" if address else "a local Ray"
+    return [f"[alignprop] dry run: config valid; would train {name} on {where} "
+            f"({cfg.ray.num_workers} workers, {cfg.trainer.max_steps} steps)",
+            f"  storage: {storage}/{name}", f"  {_mlflow_run_line(uri, experiment, name)}",
+            f"  {_resume_line(storage, name)}", "  nothing was started or written"]
+
+
+def _resume_line(storage: str, name: str) -> str:
+    if "://" in storage:
+        return f"resume: whatever checkpoint Ray has under {storage}/{name} (remote storage is not read here)"
+    run_dir = Path(storage) / name
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    if not checkpoints:
+        return "resume: no checkpoint yet: it would start at step 0"
+    chosen, broken = newest_valid(checkpoints[-1])
+    skipped = "".join(f"; {path.name} is incomplete ({why}): skipped" for path, why in broken)
+    if chosen is None:
+        return f"resume: no whole checkpoint{skipped}: it would start at step 0"
+    import json
+
+    step = json.loads((chosen / "trainer_state.json").read_text()).get("step", "?")
+    return f"resume: it would resume from {chosen} (step {step}){skipped}"
+
+
+def _mlflow_run_line(uri: str, experiment: str, name: str) -> str:
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return f"mlflow: {uri} (a new store; the run would be created)"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = "
+                              f"{quote_filter_value(name)}", max_results=1) if found else []
+    if not runs:
+        return f"mlflow: {uri}, experiment {experiment!r}: a new run would be created"
+    run = runs[0]
+    return (f"mlflow: {uri}, experiment {experiment!r}: would continue run {run.info.run_id} "
+            f"(now {run.info.status})")
