@@ -102,6 +102,15 @@ def test_parent_and_four_children_in_mlflow(sweep, mlflow_server):
     assert parent_params["sweep.metric"] == "eval/reward_total" and parent_params["sweep.scheduler"] == "asha"
     statuses = sorted(r["info"]["status"] for r, _ in children)
     assert "KILLED" in statuses, f"ASHA stopped no trial early: {statuses}"
+    for run, tag in children:  # KILLED is the trials ASHA stopped short of max_steps, each at its own end time
+        last_step = {m["key"]: m for m in run["data"]["metrics"]}["step"]
+        if last_step["value"] >= 3:
+            assert run["info"]["status"] == "FINISHED" and "alignprop.early_stopped" not in tag, (run["info"], tag)
+        else:
+            assert run["info"]["status"] == "KILLED" and tag["alignprop.early_stopped"] == "true", (run["info"], tag)
+            assert int(run["info"]["end_time"]) == int(last_step["timestamp"]), "its own end, not the sweep's"
+    best = next(r for r, t in children if t["alignprop.trial_id"] == summary["best"]["trial_id"])
+    assert best["info"]["status"] == "FINISHED", best["info"]
     assert [r["status"] for r in summary["rows"]].count("stopped") >= 1
     parent_tags = {t["key"]: t["value"] for t in parents[0]["data"]["tags"]}
     assert parent_tags["alignprop.best_trial_id"] == summary["best"]["trial_id"]

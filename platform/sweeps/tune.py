@@ -242,14 +242,25 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
 
 def _close_stopped_and_rows(trials: list[dict], statuses: dict[str, str], spec: SweepSpec, max_steps: int, uri: str,
                             experiment: str, name: str) -> list[dict[str, Any]]:
-    """A trial Tune ended normally this session whose run is not FINISHED was stopped by ASHA before
-    it could close its run (left RUNNING, or FAILED by the interruption): KILLED, tagged early-stopped,
-    so a rerun leaves it stopped. Then one row per trial from MLflow."""
+    """A trial Tune ended normally this session whose run is not FINISHED was ended by Tune before it
+    could close its run (left RUNNING, or FAILED by the interruption). It ran all `max_steps`: FINISHED
+    (ASHA's stop at max_t only ends a complete trial); fewer: ASHA stopped it, KILLED and tagged
+    early-stopped, so a rerun leaves it stopped. Either keeps its own end time, that of its last logged
+    step. Then one row per trial from MLflow."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     for trial_id, run in sweep_children(uri, experiment, name).items():
         if run.info.status != "FINISHED" and statuses.get(trial_id) == "TERMINATED":
-            client.set_tag(run.info.run_id, "alignprop.early_stopped", "true")
-            client.set_terminated(run.info.run_id, status="KILLED")
+            complete = run.data.metrics.get("step", 0) >= max_steps
+            if not complete:
+                client.set_tag(run.info.run_id, "alignprop.early_stopped", "true")
+            client.set_terminated(run.info.run_id, status="FINISHED" if complete else "KILLED",
+                                  end_time=_last_logged_ms(client, run))
     return summary_rows(trials, sweep_children(uri, experiment, name), statuses, spec, max_steps)
+
+
+def _last_logged_ms(client, run) -> Optional[int]:
+    """When the run logged its last step (ms), or None (now) if it logged none."""
+    history = client.get_metric_history(run.info.run_id, "step")
+    return max((m.timestamp for m in history), default=None)
