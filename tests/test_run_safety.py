@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from alignprop.trainers.checkpoint_integrity import verify_checkpoint
 from conftest import subprocess_env
 
 CLI = [sys.executable, "-m", "alignprop.platform.cli"]
@@ -154,11 +155,14 @@ def _is_loopback(ip: str) -> bool:
 
 @pytest.mark.slow
 def test_run_lifecycle_lock_loopback_ctrl_c_and_lossless_resume(tmp_path):
+    """One real run through every stage a user meets: loopback-only Ray, the run lock, Ctrl-C (KILLED, no
+    Ray left), then a rerun after the disk lost the newest checkpoint's tail: one line names the broken
+    checkpoint, it resumes from the previous one and logs every step exactly once."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["train", "--config", "tiny-cpu", "--run-name", "life", "--tracking-uri", uri,
               f"ray.storage_path={tmp_path}/ray",
-              "ray.num_workers=2", "trainer.ckpt_every=3", "trainer.eval_every=0", "sampling.num_steps=4",
+              "ray.num_workers=2", "trainer.ckpt_every=2", "trainer.eval_every=0", "sampling.num_steps=4",
               "truncation.k=2"]
     env = subprocess_env(RAY_TMPDIR=ray_tmp)
     log = open(tmp_path / "first.log", "w")  # a file, not a pipe nobody drains: a full pipe blocks the writer
@@ -168,7 +172,7 @@ def test_run_lifecycle_lock_loopback_ctrl_c_and_lossless_resume(tmp_path):
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        _wait_for(lambda: _last_step(uri, "life") >= 4, 300, "step 4 in MLflow", first)
+        _wait_for(lambda: _last_step(uri, "life") >= 5, 300, "step 5 in MLflow", first)  # checkpoints 2 and 4
 
         # A local Ray of our own: every listening socket of its processes is on loopback.
         sockets = _listening(_ray_processes(ray_tmp) + [psutil.Process(first.pid)])
@@ -201,10 +205,21 @@ def test_run_lifecycle_lock_loopback_ctrl_c_and_lossless_resume(tmp_path):
     _wait_for(lambda: not _ray_processes(ray_tmp), 30, "Ray processes to exit")
     logged = _last_step(uri, "life")
 
-    # Rerun: resumes from the last checkpoint (before `logged`), replays, and logs each step once.
+    # The disk filled mid-copy of the newest checkpoint: its optimizer state is cut to 100 bytes.
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "life").glob("checkpoint_*") if p.is_dir())  # not Ray's json
+    checkpoints = [p for p in checkpoints if verify_checkpoint(p) is None]  # Ctrl-C may have cut one short itself
+    assert len(checkpoints) >= 2, checkpoints
+    checkpoints = checkpoints[-2:]
+    latest = checkpoints[-1] / "optimizer.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+
+    # Rerun: resumes from the previous checkpoint (before `logged`), replays, and logs each step once.
     final = cli(*common, f"trainer.max_steps={logged + 2}", cwd=tmp_path, timeout=600, RAY_TMPDIR=ray_tmp)
     assert final.returncode == 0, final.stderr[-4000:]
-    assert "resumed at step" in final.stdout + final.stderr
+    out = final.stdout + final.stderr
+    assert f"checkpoint {checkpoints[-1]} is incomplete (optimizer.safetensors: 100 of " in out, out[-3000:]
+    assert f"resuming from {checkpoints[0]}" in out and "resumed at step" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, logged + 3)), steps
     assert client.get_run(run.info.run_id).info.status == "FINISHED"

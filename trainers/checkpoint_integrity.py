@@ -105,11 +105,12 @@ def verify_checkpoint(directory: str | os.PathLike) -> Optional[str]:
 
 
 def newest_valid(resume_dir: str | os.PathLike) -> tuple[Optional[Path], list[tuple[Path, str]]]:
-    """(the newest whole checkpoint among `resume_dir` and its older siblings in the run's storage
-    folder, or None; the broken ones newer than it, with what is wrong). Ray names checkpoints
-    `checkpoint_<timestamp>`, so names sort by age."""
+    """(the newest whole checkpoint among `resume_dir` and its siblings in the run's storage folder, or
+    None; the broken ones newer than it, with what is wrong). Ray names checkpoints
+    `checkpoint_<timestamp>`, so names sort by age; a sibling newer than Ray's latest is one written
+    before an interruption kept Ray from recording it."""
     chosen = Path(resume_dir)
-    siblings = sorted((p for p in chosen.parent.glob("checkpoint_*") if p.is_dir() and p.name <= chosen.name),
+    siblings = sorted((p for p in chosen.parent.glob("checkpoint_*") if p.is_dir()),
                       reverse=True) if chosen.name.startswith("checkpoint_") else [chosen]
     broken = []
     for candidate in siblings or [chosen]:

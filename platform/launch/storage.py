@@ -83,24 +83,27 @@ def report_checkpoint(report, metrics: dict, directory: str, storage: Optional[s
 
 @contextmanager
 def resume_directory(checkpoint, rank: int):
-    """The directory to resume from: Ray's latest checkpoint if it is whole, else the newest whole
-    one of the run in local storage (one line names each broken one); None to start afresh."""
+    """The directory to resume from: the newest whole checkpoint of the run in local storage (one line
+    names each broken one newer than it), which may be newer than Ray's latest: a run interrupted after
+    a checkpoint was written but before Ray recorded it. Remote storage: Ray's latest if whole. None to
+    start afresh."""
     if checkpoint is None:
         yield None
         return
     with checkpoint.as_directory() as given:
-        problem = verify_checkpoint(given)
-        if problem is None:
+        local = Path(checkpoint.path)
+        if not local.is_dir():  # remote storage: its siblings are not here to choose from
+            problem = verify_checkpoint(given)
+            if problem is not None:
+                raise StorageFullError(f"checkpoint {checkpoint.path} is incomplete ({problem}); accepted: remove it "
+                                       "from ray.storage_path and rerun, to resume from the checkpoint before it")
             yield given
             return
-        local = Path(checkpoint.path)
-        if not local.is_dir():  # remote storage: its siblings are not here to fall back on
-            raise StorageFullError(f"checkpoint {checkpoint.path} is incomplete ({problem}); accepted: remove it from "
-                                   "ray.storage_path and rerun, to resume from the checkpoint before it")
         chosen, broken = newest_valid(local)
         if rank == 0:
             for path, why in broken:
                 print(f"[alignprop] checkpoint {path} is incomplete ({why}): skipped", file=sys.__stdout__, flush=True)
-            print(f"[alignprop] resuming from {chosen}" if chosen else "[alignprop] no whole checkpoint left: starting "
-                  "from step 0", file=sys.__stdout__, flush=True)
+            if broken or chosen != local:
+                print(f"[alignprop] resuming from {chosen}" if chosen else "[alignprop] no whole checkpoint left: "
+                      "starting from step 0", file=sys.__stdout__, flush=True)
         yield str(chosen) if chosen else None
