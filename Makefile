@@ -44,7 +44,7 @@ gpu-check: setup
 	$(PY) -m alignprop.platform.bench.gpu_check --out gpu-check
 
 ui: setup
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts mlruns .pytest_cache gpu-check

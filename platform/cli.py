@@ -77,7 +77,8 @@ def _train(args: argparse.Namespace) -> None:
     if args.dry_run:
         print("\n".join(dry_run(_load(args))))
         return
-    print_summary(launch(_load(args), register=args.register))
+    cfg = _load(args)
+    print_summary(launch(cfg, register=args.register), cfg)
 
 
 # ------------------------------------------------------------------------------------ tune
@@ -104,7 +105,10 @@ def _tune(args: argparse.Namespace) -> None:
         raise ConfigError("--num-samples/--max-concurrent/--trial-retries: accepted: integers >= 1 (retries >= 0)")
     from .sweeps.tune import run_sweep
 
-    run_sweep(cfg, spec, args.num_samples, args.max_concurrent, args.name, args.register, args.trial_retries)
+    from .sweeps.summary import closing_lines
+
+    summary = run_sweep(cfg, spec, args.num_samples, args.max_concurrent, args.name, args.register, args.trial_retries)
+    print("\n".join(closing_lines(summary, spec)), flush=True)
 
 
 # ---------------------------------------------------------------------------------- sample
@@ -251,17 +255,24 @@ def _add_register(sub) -> None:
 
 def _register(args: argparse.Namespace) -> None:
     from .mlflow_model import check_model_name, register_model, run_id_of_model_uri
-    from .tracking import probe_tracking_uri, resolve_tracking_uri
 
     run_id = run_id_of_model_uri(args.model)
     check_model_name(args.name, "--name")
-    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = _existing_store(args.tracking_uri)
+    version = register_model(uri, args.name, run_id, flag="--name")
+    print(f"[alignprop] registered {args.model} as {version}, alias best: models:/{args.name}@best at {uri}")
+
+
+def _existing_store(tracking_uri: str | None) -> str:
+    """The tracking URI (flag, MLFLOW_TRACKING_URI, ./mlflow.db), reachable and, for sqlite, existing."""
+    from .tracking import probe_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     probe_tracking_uri(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # MLflow would create it
         raise ConfigError(f"--tracking-uri: no MLflow store at {uri}; accepted: the store the run was tracked in "
                           "(--tracking-uri or MLFLOW_TRACKING_URI)")
-    version = register_model(uri, args.name, run_id, flag="--name")
-    print(f"[alignprop] registered {args.model} as {version}, alias best: models:/{args.name}@best at {uri}")
+    return uri
 
 
 def _add_presets(sub) -> None:
@@ -298,12 +309,26 @@ def _rewards(args: argparse.Namespace) -> None:
         print(f"{row['name']:<16} {row['needs']}\n{'':<16} weights: {row['weights']}")
 
 
+def _add_runs(sub) -> None:
+    runs = sub.add_parser("runs", help="tracked runs: `alignprop runs show RUN` reprints a run's closing summary")
+    runs.add_argument("action", choices=["show"])
+    runs.add_argument("run", help="an alignprop run name (the newest run of that name) or an MLflow run id")
+    runs.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from .launch.show import show_run
+
+    uri = _existing_store(args.tracking_uri)
+    print("\n".join(show_run(uri, args.run)))
+
+
 # (parser, handler) per subcommand, in the order `--help` lists them
 COMMANDS = {
     "train": (_add_train, _train), "tune": (_add_tune, _tune), "sample": (_add_sample, _sample),
     "bench": (_add_bench, _bench), "soup": (_add_soup, _soup), "tiny-model": (_add_tiny_model, _tiny_model),
     "register": (_add_register, _register), "presets": (_add_presets, _presets), "config": (_add_config, _config),
-    "rewards": (_add_rewards, _rewards),
+    "rewards": (_add_rewards, _rewards), "runs": (_add_runs, _runs),
     "toy-world": (toy_world_cli.add_parser, toy_world_cli.run),
 }
 

@@ -18,17 +18,19 @@ line (noise from a LoRA on the wrong base otherwise), unless `--any-base` says i
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .config import ConfigError, ModelSection, RunConfig, load_config
-from .models import LORA_WEIGHTS_NAME, load_pipeline
+from .models import LORA_WEIGHTS_NAME, TOY_WORLD_MODEL, load_pipeline
 from .console import load_lora_weights
 from ..trainers.families import denoiser_of, family_of
 from .soup.mix import check_fits, lora_weights_file
 from .mlflow_model import config_in_model, lora_in_model, mlflow_uris, read_config
+from .toy_world import vocabulary_warning
 from .tracking import resolve_tracking_uri
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
@@ -163,6 +165,8 @@ def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Option
     if lora and lora_path is None:
         lora_path = resolve_lora(lora, tracking_uri or cfg.tracking.uri)  # fail before loading models
     lora_file = lora_weights_file(lora_path, source=lora) if lora_path else None
+    if cfg.model.pretrained == TOY_WORLD_MODEL and (warning := vocabulary_warning(prompts)):
+        print(warning, file=sys.stderr, flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.model).to(device)
     if lora_file is not None:

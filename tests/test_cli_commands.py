@@ -64,3 +64,16 @@ def test_train_dry_run_describes_the_run_and_starts_nothing(tmp_path, monkeypatc
     bad = run_cli(["train", "--config", "tiny-cpu", "--dry-run", "ray.num_workers=4000",
                    "ray.resources_per_worker={CPU: 0.0001}", *overrides], tmp_path)
     assert bad.returncode == 2 and "ray.num_workers: 4000 workers need at least " in bad.stderr
+
+
+def test_runs_show_names_an_unknown_run_or_a_missing_store_in_one_line(tmp_path):
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").create_experiment("x")
+    proc = alignprop("runs", "show", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("alignprop: error: run: no run named or with id 'nope' at sqlite:///"), \
+        proc.stderr
+    proc = alignprop("runs", "show", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/none.db", cwd=tmp_path)
+    assert proc.returncode == 2 and "--tracking-uri: no MLflow store at" in proc.stderr
+    assert not (tmp_path / "none.db").exists()

@@ -111,8 +111,56 @@ def test_closing_summary_names_rewards_before_after_lora_and_ui(tmp_path, monkey
     assert f"--backend-store-uri {uri}" in text and f"#/experiments/{run.info.experiment_id}/runs/{run_id}" in text
 
 
+def test_the_summary_says_the_task_and_the_toy_worlds_count_task_why_captions_differ():
+    from alignprop.platform.config import load_config
+    from alignprop.platform.launch.summary import task_line
+
+    assert task_line(load_config("tiny-cpu", paths=False)).startswith("  task: maximise 1 × brightness")
+    line = task_line(load_config("toy-count", paths=False))
+    assert line.startswith("  task: maximise 1 × toy_count (target 1); judged by toy_count_exact (target 1), "
+                           "toy_color_match. Draw 1 object whatever the caption says"), line
+    assert "Draw 3 objects" in task_line(load_config("toy-count", ["rewards.toy_count.target=3"], paths=False))
+
+
 def test_ui_hint_points_at_make_ui_for_the_repo_db_and_at_a_server_url(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Makefile").write_text("ui:\n")
     assert ui_hint(f"sqlite:///{tmp_path}/mlflow.db", "1", "abc").startswith("make ui, then http://127.0.0.1:5000/")
     assert ui_hint("http://10.0.0.2:5000/", "3", "abc") == "http://10.0.0.2:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+
+
+def test_a_first_run_says_in_one_line_why_the_first_step_waits_for_deepspeeds_op_build(tmp_path, monkeypatch):
+    import torch
+
+    from alignprop.platform.launch.session import op_build_notice
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU communication op is built only without a GPU")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert op_build_notice() == (f"[alignprop] first run with {tmp_path}: DeepSpeed compiles its CPU communication "
+                                 "op before the first step (about 1-2 min of silence, once)")
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert op_build_notice() is None
+
+
+def test_a_build_lock_left_by_a_killed_op_build_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Killing a run while DeepSpeed compiles its op leaves torch's `lock`; the next run's workers would
+    wait on it forever in silence (measured: a sweep stalled 20 min)."""
+    import os
+    import time
+
+    from alignprop.platform.config import ConfigError
+    from alignprop.platform.launch.session import STALE_BUILD_LOCK_S, check_op_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.write_bytes(b"")
+    check_op_build_lock()  # a build in progress: left alone
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(ConfigError) as err:
+        check_op_build_lock()
+    assert str(err.value) == (f"TORCH_EXTENSIONS_DIR: {lock} is left by an interrupted DeepSpeed op build (11 min "
+                              f"old) and would stall the workers; accepted: remove it (rm {lock}) and rerun")

@@ -53,7 +53,7 @@ def test_mlflow_run_has_params_metrics_images_and_lora(trained):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "lora", "eval"} <= artifacts, artifacts
     grids = sorted(a.path for a in client.list_artifacts(run.info.run_id, "eval/samples"))
-    assert grids == [f"eval/samples/step_{n}.png" for n in (0, 2, 4)], grids
+    assert grids == [f"eval/samples/step_{n:04d}.png" for n in (0, 2, 4)], grids
     assert len(run.inputs.dataset_inputs) == 2, "the prompt sets, once across the rerun"
     assert {"mlflow.user", "mlflow.source.name", "alignprop.command"} <= run.data.tags.keys()
     lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
@@ -138,6 +138,17 @@ def test_console_is_clean_and_ends_with_a_summary(trained):
         noisy = [line for line in text.splitlines() if any(w in line for w in markers)]
         assert not noisy, noisy
     assert "held-out rewards (eval/, step 0 → 4): brightness " in second.stdout
-    assert f"samples: runs:/{runs[0].info.run_id}/eval/samples/step_0.png → eval/samples/step_4.png" in second.stdout
+    grids = "eval/samples/step_0000.png → eval/samples/step_0004.png"
+    assert f"samples: runs:/{runs[0].info.run_id}/{grids}" in second.stdout
     assert f"LoRA: runs:/{runs[0].info.run_id}/lora/final" in second.stdout
     assert "mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///" in second.stdout
+
+
+def test_runs_show_reprints_the_closing_summary_from_mlflow(trained):
+    work, _, runs, _, second = trained
+    summary = second.stdout[second.stdout.index("[alignprop] done: "):].strip().splitlines()
+    shown = alignprop("runs", "show", "e2e", "--tracking-uri", f"sqlite:///{work}/mlflow.db", cwd=work)
+    assert shown.stdout.splitlines()[0].startswith("[alignprop] run e2e: FINISHED, ended 20")
+    assert shown.stdout.splitlines()[1:] == summary, (shown.stdout, summary)
+    by_id = alignprop("runs", "show", runs[0].info.run_id, "--tracking-uri", f"sqlite:///{work}/mlflow.db", cwd=work)
+    assert by_id.stdout == shown.stdout

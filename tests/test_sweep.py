@@ -119,6 +119,28 @@ def test_parent_and_four_children_in_mlflow(sweep, mlflow_server):
     assert {"results.csv", "metric_vs_params.png", "best_config.yaml", "best_lora"} <= listed
 
 
+def test_the_closing_summary_names_the_best_trial_its_lora_model_and_the_ui(sweep, mlflow_server):
+    from mlflow import MlflowClient
+
+    from alignprop.platform.sweeps.summary import closing_lines
+
+    summary, _, tmp = sweep
+    spec = load_space(str(tmp / "lr.yaml"), sweep_config(tmp, mlflow_server, "sweep"))
+    lines = closing_lines(summary, spec)
+    parent_id, best = summary["parent_run_id"], summary["best"]
+    tags = MlflowClient(mlflow_server).get_run(parent_id).data.tags
+    child, registered = tags["alignprop.best_run_id"], tags["alignprop.registered"]
+    counts = {s: sum(r["status"] == s for r in summary["rows"]) for s in ("complete", "stopped")}
+    assert lines[0].startswith(f"[tune] done: sweep lr-sweep, 4 trials ({counts['complete']} complete, "
+                               f"{counts['stopped']} stopped), parent run {parent_id} at {mlflow_server}"), lines
+    assert lines[1] == (f"  best: trial {best['trial_id']} (optim.lr={best['optim.lr']}): eval/reward_total "
+                        f"{best['eval/reward_total']:.5g} after 3 steps"), lines
+    assert registered.startswith("models:/tiny-alignprop/")
+    assert lines[2] == (f"  LoRA: runs:/{parent_id}/best_lora (from run {child})   MLflow Model: runs:/{child}/model "
+                        f"(registered: {registered})"), lines
+    assert lines[3].startswith(f"  UI: {mlflow_server}") and f"/runs/{parent_id}" in lines[3], lines
+
+
 def test_best_lora_loads_and_is_registered(sweep, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 

@@ -245,6 +245,25 @@ def test_toy_prompt_files_are_the_split_and_presets_name_the_shipped_pipeline():
         assert {"toy_count_exact", "toy_color_match"} <= {r["name"] for r in cfg.eval_rewards}, preset
 
 
+def test_words_outside_the_toy_worlds_grammar_are_named_in_one_warning(tmp_path):
+    """The shipped prompt sets are all grammar; `alignprop sample` on the toy world says which words of
+    a free prompt its text encoder never saw, and still samples."""
+    from alignprop.platform.config import load_config
+    from alignprop.platform.toy_world import vocabulary_warning
+    from alignprop.platform.tracking import prompt_sets
+    from test_cli_errors import run_cli
+
+    for preset in ("toy-count", "toy-compress", "toy-mix"):
+        assert vocabulary_warning([p for d in prompt_sets(load_config(preset)) for p in d.prompts]) is None, preset
+    proc = run_cli(["sample", "--config", "toy-count", "--prompt", "a photo of a Dragon", "--prompt",
+                    "two red circles on a white background", "--out", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (warning,) = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warning.startswith("[alignprop] warning: the toy world's pipeline knows only its caption grammar (22 "
+                              "words") and warning.endswith("mean nothing to it: dragon, of, photo"), warning
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base_00.png", "base_01.png"]
+
+
 @pytest.mark.slow
 def test_alignprop_on_toy_count_moves_the_analytic_count(deepspeed_world):
     """A short toy-count run (exactly one object): the learned count reward rises on held-out

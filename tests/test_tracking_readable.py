@@ -65,14 +65,16 @@ def test_eval_grid_is_the_artifact_eval_samples_step_n_with_no_internal_image_lo
 
     run_id = open_run(uri, "readable-images", "img-run", {"a": 1}, "name: x\n")
     tracker = Tracker(uri, run_id, enabled=True)
-    tracker.log_image(torch.rand(2, 3, 32, 32), "eval/samples", 2, captions=["a cat", "a dog"])
+    for step in (10, 2):
+        tracker.log_image(torch.rand(2, 3, 32, 32), "eval/samples", step, captions=["a cat", "a dog"])
     client = MlflowClient(uri)
-    assert [f.path for f in client.list_artifacts(run_id, "eval/samples")] == ["eval/samples/step_2.png"]
+    names = sorted(f.path for f in client.list_artifacts(run_id, "eval/samples"))  # by name, as the UI's tree
+    assert names == ["eval/samples/step_0002.png", "eval/samples/step_0010.png"], "names sort in step order"
     # no key/step image log (its UI card is covered by params)
     assert "images" not in [f.path for f in client.list_artifacts(run_id)]
     from PIL import Image
 
-    with Image.open(client.download_artifacts(run_id, "eval/samples/step_2.png")) as png:
+    with Image.open(client.download_artifacts(run_id, "eval/samples/step_0002.png")) as png:
         assert png.width == 2 * TILE_PX + 4 and png.height > TILE_PX
 
 

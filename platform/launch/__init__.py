@@ -1,7 +1,8 @@
 """Launching runs on Ray: `alignprop train` (train.py), the driver session it shares with `alignprop
 tune` (session.py: preflight, lock, Ray, MLflow run, Ctrl-C), the Ray Train side of a run
 (trainer.py: the TorchTrainer and its per-worker entry), the Ray it runs on (ray_cluster.py, with a
-local Ray bound to loopback: loopback.py) and the closing summary (summary.py).
+local Ray bound to loopback: loopback.py, ended with its driver: reaper.py), checkpoint room and
+integrity on the driver (storage.py), the closing summary (summary.py) and `alignprop runs show` (show.py).
 
     alignprop train --config tiny-cpu                       # local Ray, ./mlflow.db
     RAY_ADDRESS=http://127.0.0.1:8265 ray job submit --working-dir . -- alignprop train --config tiny-cpu

@@ -2,8 +2,9 @@
 LoRA and the checkpoint are, and how to open the run in the MLflow UI.
 
     [alignprop] done: run tiny-cpu-02f14d19, 20 steps
+      task: maximise 1 × brightness                                     # from the run's config
       held-out (eval/, step 0 → 20):  brightness 0.5082 → 0.5190 (+0.0108)  ...
-      samples: runs:/<id>/eval/samples/step_0.png → eval/samples/step_20.png
+      samples: runs:/<id>/eval/samples/step_0000.png → eval/samples/step_0020.png
       LoRA: runs:/<id>/lora/final   checkpoint: /abs/ray_results/<run>/checkpoint_...
       UI: make ui, then http://127.0.0.1:5000/#/experiments/1/runs/<id>
 """
@@ -40,7 +41,25 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {tracking_uri}, then {local}"
 
 
-def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: Optional[str] = None) -> list[str]:
+def task_line(cfg: Any) -> str:
+    """What the run maximised and what judged it, from its config; the toy world's count task says
+    that its captions name other counts on purpose."""
+    def named(reward: dict) -> str:
+        target = reward.get("target")
+        return reward["name"] + (f" (target {target})" if target is not None else "")
+
+    line = "  task: maximise " + " + ".join(f"{r.get('weight', 1.0):g} × {named(r)}" for r in cfg.rewards)
+    if cfg.eval_rewards:
+        line += "; judged by " + ", ".join(named(r) for r in cfg.eval_rewards)
+    counts = [r["target"] for r in cfg.rewards if r["name"] == "toy_count" and r.get("target") is not None]
+    if counts:
+        line += (f". Draw {counts[0]} object{'s' if counts[0] != 1 else ''} whatever the caption says: the captions "
+                 "name other counts on purpose")
+    return line
+
+
+def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: Optional[str] = None,
+                    cfg: Any = None) -> list[str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(outcome.tracking_uri)
@@ -48,6 +67,8 @@ def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: O
     steps = int(outcome.metrics.get("step", 0)) or None
     lines = [f"[alignprop] done: run {outcome.run_name}" + (f", {steps} steps" if steps else "")
              + f", mlflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}"]
+    if cfg is not None:
+        lines.append(task_line(cfg))
     changes = held_out_changes(client, outcome.mlflow_run_id)
     if changes:
         first, last = changes[0][3], changes[0][4]
@@ -69,9 +90,10 @@ def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: O
     return lines
 
 
-def print_summary(outcome: Any) -> None:
+def print_summary(outcome: Any, cfg: Any = None) -> None:
     try:
-        lines = closing_summary(outcome, getattr(outcome, "model_uri", None), getattr(outcome, "registered", None))
+        lines = closing_summary(outcome, getattr(outcome, "model_uri", None), getattr(outcome, "registered", None),
+                                cfg)
     except Exception as err:  # the run is done; a tracking hiccup must not turn it into an error
         lines = [f"[alignprop] done: run {outcome.run_name}, mlflow run {outcome.mlflow_run_id} at "
                  f"{outcome.tracking_uri}",

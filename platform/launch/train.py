@@ -19,8 +19,10 @@ from typing import Any, Optional
 from ...trainers.checkpoint import check_checkpoint_files
 from ...trainers.checkpoint_integrity import newest_valid
 from ..config import RunConfig, flatten, run_name, to_dict, to_yaml
+from ..models import TOY_WORLD_MODEL
 from ..mlflow_model import check_model_name, log_run_model, register_model
 from ..tracking import RUN_NAME_TAG, prompt_sets, quote_filter_value
+from ..toy_world import vocabulary_warning
 from .session import driver_session, preflight, resolve_storage_path, resolved_tracking_uri
 from .trainer import build_trainer, fit_interruptibly
 
@@ -53,8 +55,12 @@ def launch(cfg: RunConfig, register: Optional[str] = None) -> TrainOutcome:
     name, uri = run_name(cfg), resolved_tracking_uri(cfg)
     storage = resolve_storage_path(cfg.ray.storage_path)
     check_resume_safety(storage, name)
+    datasets = prompt_sets(cfg)
+    if cfg.model.pretrained == TOY_WORLD_MODEL and (warning := vocabulary_warning([p for d in datasets
+                                                                                   for p in d.prompts])):
+        print(warning, file=sys.stderr, flush=True)
     with driver_session(cfg, name, storage, uri, cfg.tracking.experiment or cfg.name, flatten(to_dict(cfg)),
-                        to_yaml(cfg), datasets=prompt_sets(cfg)) as run_id:
+                        to_yaml(cfg), datasets=datasets) as run_id:
         print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
         result = fit_interruptibly(build_trainer(cfg, uri, run_id))
         model_uri = log_run_model(uri, run_id)

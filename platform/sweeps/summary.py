@@ -90,6 +90,35 @@ def summarize(rows: list[dict[str, Any]], spec: SweepSpec, uri: str, parent_id: 
             "sample_efficiency": efficiency}
 
 
+def closing_lines(summary: dict, spec: SweepSpec) -> list[str]:
+    """`alignprop tune`'s closing summary: the trials' outcomes, the best trial, its metric and params,
+    where its LoRA and MLflow Model are, and how to open the sweep in the MLflow UI."""
+    from mlflow import MlflowClient
+
+    from ..launch.summary import ui_hint
+
+    uri, name = summary["tracking_uri"], summary["name"]
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    rows = summary["rows"]
+    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in ("complete", "stopped", "error")
+                       if any(r["status"] == s for r in rows))
+    lines = [f"[tune] done: sweep {name}, {len(rows)} trials ({counts}), parent run {parent.info.run_id} at {uri}"]
+    best, child_id = summary["best"], parent.data.tags.get("alignprop.best_run_id")
+    if best is None or child_id is None:
+        lines.append("  best: none (no trial reported the metric)")
+    else:
+        params = ", ".join(f"{k}={best[k]}" for k in spec.space)
+        lines.append(f"  best: trial {best['trial_id']} ({params}): {spec.metric} {best[spec.metric]:.5g} "
+                     f"after {best['steps']} steps")
+        model = f"   MLflow Model: runs:/{child_id}/model" if run_model(client, child_id) is not None else ""
+        registered = parent.data.tags.get("alignprop.registered")
+        lines.append(f"  LoRA: runs:/{parent.info.run_id}/best_lora (from run {child_id}){model}"
+                     + (f" (registered: {registered})" if registered else ""))
+    lines.append(f"  UI: {ui_hint(uri, parent.info.experiment_id, parent.info.run_id)}")
+    return lines
+
+
 def close_child_runs(uri: str, parent_id: str, status: str) -> None:
     """End the sweep's child runs still marked RUNNING (their trials die with an interrupted sweep)."""
     from mlflow import MlflowClient

@@ -136,8 +136,9 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent:
                         prepare=plan_trials) as parent_id:
         print(f"[tune] sweep {name}  mlflow {uri} parent run {parent_id}", file=sys.stderr)
         try:
-            return _fit(cfg, spec, num_samples, max_concurrent, name, register_as, trial_retries, uri, experiment,
-                        storage, parent_id, planned["trials"])
+            summary = _fit(cfg, spec, num_samples, max_concurrent, name, register_as, trial_retries, uri,
+                           experiment, storage, parent_id, planned["trials"])
+            return {**summary, "name": name, "tracking_uri": uri}
         except KeyboardInterrupt:
             close_child_runs(uri, parent_id, "KILLED")  # the trials die with this process
             raise

@@ -16,8 +16,8 @@ toy-world`).
 
 from .scenes import (BACKGROUNDS, COLOURS, COUNTS, GAP, HELDOUT_CAPTIONS, SHAPES, SHIPPED_DIR, SIZE, TRAIN_CAPTIONS,
                      Caption, Scene, all_captions, batch, parse_caption, prompt_colour, prompt_count, render,
-                     sample_scene, shown_path, to_tensor)
+                     sample_scene, shown_path, to_tensor, vocabulary, vocabulary_warning)
 
 __all__ = ["BACKGROUNDS", "COLOURS", "COUNTS", "GAP", "HELDOUT_CAPTIONS", "SHAPES", "SHIPPED_DIR", "SIZE",
            "TRAIN_CAPTIONS", "Caption", "Scene", "all_captions", "batch", "parse_caption", "prompt_colour",
-           "prompt_count", "render", "sample_scene", "shown_path", "to_tensor"]
+           "prompt_count", "render", "sample_scene", "shown_path", "to_tensor", "vocabulary", "vocabulary_warning"]

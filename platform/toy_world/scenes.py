@@ -88,6 +88,23 @@ class Scene:
         return self.caption_.background
 
 
+def vocabulary() -> frozenset[str]:
+    """Every word of the caption grammar: all the toy world's text encoder ever saw."""
+    return frozenset({*COUNTS, *COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *BACKGROUNDS, "on", "a", "background"})
+
+
+def vocabulary_warning(prompts: Sequence[str]) -> str | None:
+    """One warning line naming the prompts' words outside the grammar (the pipeline draws nothing for
+    them), or None when every word is known."""
+    outside = sorted({w for p in prompts for w in re.findall(r"[a-z]+", p.lower())} - vocabulary())
+    if not outside:
+        return None
+    shown = ", ".join(outside[:8]) + (f" and {len(outside) - 8} more" if len(outside) > 8 else "")
+    return (f"[alignprop] warning: the toy world's pipeline knows only its caption grammar ({len(vocabulary())} "
+            f"words, as in '{Caption(2, 'red', 'circle', 'white').text}'); these words mean nothing "
+            f"to it: {shown}")
+
+
 def parse_caption(text: str) -> Caption | None:
     """The caption's attributes, or None when `text` does not follow the grammar exactly."""
     match = CAPTION_RE.match(text.strip().lower())

@@ -24,14 +24,13 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..models.tiny import tiny_tokenizer_files
-from .scenes import BACKGROUNDS, COLOURS, COUNTS, SHAPES
+from .scenes import vocabulary
 
 TEXT_SEED = 0
 
 
 def grammar_words() -> list[str]:
-    words = {*COUNTS, *COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *BACKGROUNDS, "on", "a", "background"}
-    return sorted(words)
+    return sorted(vocabulary())
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:

@@ -1,5 +1,5 @@
 """What rank 0 of the workers logs into the driver's run: metrics (batched), evaluation grids as
-artifacts `<prefix>/samples/step_<N>.png` (tiles upscaled to at least 256 px, each prompt under its
+artifacts `<prefix>/samples/step_<NNNN>.png` (tiles upscaled to at least 256 px, each prompt under its
 image) and LoRA directories. Workers log with `MlflowClient` and an explicit run id, so no global
 "active run" state crosses process boundaries.
 """
@@ -44,14 +44,15 @@ class Tracker:
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def log_image(self, images: torch.Tensor, key: str, step: int, captions: Optional[Sequence[str]] = None) -> None:
-        """Log a B×3×H×W [0, 1] batch as one grid, the artifact `<key>/step_<step>.png`, each
+        """Log a B×3×H×W [0, 1] batch as one grid, the artifact `<key>/step_<step:04d>.png` (so the UI's
+        artifact tree lists them in step order), each
         caption under its tile. Not MLflow's key/step image log: the UI's chart card for those shows
         every param of the run above the image (pushing it out of view) and stores the file as
         `images/<key with ~>+step+N+timestamp+T+<uuid>.png` plus a webp copy."""
         if self.enabled and step > self.logged_through:
             columns = 4 if len(images) <= 16 else 8  # 32 toy-world tiles: 8 × 4, not a 4 × 8 tower
             grid = image_grid(images, captions, columns=columns, min_tile=TILE_PX, gap=4)
-            self.client.log_image(self.run_id, grid, artifact_file=f"{key}/step_{step}.png")
+            self.client.log_image(self.run_id, grid, artifact_file=f"{key}/step_{step:04d}.png")
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str) -> None:
         if self.enabled:

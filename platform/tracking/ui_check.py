@@ -69,7 +69,7 @@ def make_run(db: Path) -> None:
                       datasets=sets)
     tracker = Tracker(uri, run_id, enabled=True)
     generator = torch.Generator().manual_seed(0)
-    for step in (0, 2, 10):  # 10: how the artifact tree orders step_10 against step_2
+    for step in (0, 2, 10):  # 10: the artifact tree lists step_0010 after step_0002
         tracker.log_metrics({"step": step, "eval/reward_total": 0.5 + 0.01 * step}, step)
         tracker.log_image(torch.rand(4, 3, 32, 32, generator=generator), "eval/samples", step, captions=prompts)
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
