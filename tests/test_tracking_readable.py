@@ -149,3 +149,32 @@ def test_prompt_sets_of_a_config_name_their_files_urls_or_config_keys(tmp_path, 
     assert (held_out.name, held_out.source, held_out.prompts) == ("hps_v2_all_eval.txt",
                                                                   REMOTE_PROMPT_SETS["hps_v2_all_eval.txt"][0],
                                                                   ("a castle", "a dragon"))
+
+
+def test_trials_logging_the_same_prompt_set_at_once_all_succeed(uri):
+    """Sweep trials open their runs in one experiment at the same moment; MLflow's store looks a
+    dataset up, then inserts it, so all but one lose a UNIQUE-constraint race unless it is retried."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from alignprop.platform.tracking import log_prompt_sets
+
+    client = MlflowClient(uri)
+    exp = client.create_experiment("same-set-at-once")
+    sets = [PromptSet("training", "trainer.prompts", "config", ("cat", "dog"))]
+    runs = [client.create_run(exp).info.run_id for _ in range(8)]
+    start, errors = threading.Barrier(len(runs)), []
+
+    def log(run_id):
+        start.wait()
+        try:
+            log_prompt_sets(client, run_id, sets)
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert all(len(client.get_run(r).inputs.dataset_inputs) == 1 for r in runs)

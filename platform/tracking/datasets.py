@@ -65,4 +65,18 @@ def log_prompt_sets(client, run_id: str, sets: Sequence[PromptSet]) -> None:
         if (dataset.name, dataset.digest, item.context) not in have:
             new.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, item.context)]))
     if new:
-        client.log_inputs(run_id, datasets=new)
+        _log_inputs(client, run_id, new)
+
+
+def _log_inputs(client, run_id: str, inputs: list, tries: int = 3) -> None:
+    """`client.log_inputs`, retried when a concurrent run won the race to create the same dataset row:
+    MLflow's store looks a dataset up, then inserts it, so two sweep trials logging the same prompt set
+    into one experiment at once can fail with a UNIQUE constraint; on the retry the row exists."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            return client.log_inputs(run_id, datasets=inputs)
+        except MlflowException as err:
+            if attempt == tries - 1 or "UNIQUE constraint" not in str(err):
+                raise
