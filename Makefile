@@ -14,6 +14,8 @@ TORCH_BUILD ?= $(if $(filter Darwin,$(shell uname -s)),pypi,$(if $(shell nvidia-
 # --retries 1: a PyTorch index out of reach (offline mirrors, firewalls) costs seconds, not minutes
 TORCH_PIP = $(if $(filter pypi,$(TORCH_BUILD)),"torch==$(TORCH_VERSION)","torch==$(TORCH_VERSION)+$(TORCH_BUILD)" \
 	--extra-index-url https://download.pytorch.org/whl/$(TORCH_BUILD) --retries 1 --timeout 30)
+UI_PORT ?= 5000
+UI_STORE ?= sqlite:///$(CURDIR)/mlflow.db
 export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= token
 # DeepSpeed JIT-builds its CPU comm op once per venv here (a shared cache rebuilds when venvs alternate)
@@ -43,8 +45,9 @@ test-fast: setup
 gpu-check: setup
 	$(PY) -m alignprop.platform.bench.gpu_check --out gpu-check
 
+# make ui [UI_PORT=5000] [UI_STORE=sqlite:///abs/mlflow.db]: stops (server included) on Ctrl-C or SIGTERM
 ui: setup
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+	exec $(VENV)/bin/alignprop ui --port $(UI_PORT) --tracking-uri $(UI_STORE)
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts mlruns .pytest_cache gpu-check

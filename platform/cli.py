@@ -10,6 +10,8 @@
     alignprop register runs:/<id>/model --name NAME         # register a finished run's Model (trains nothing)
     alignprop presets                                       # the shipped presets, one line each
     alignprop config tiny-cpu [key=value ...]               # the resolved config as YAML
+    alignprop runs show RUN                                 # a finished run's closing summary, from MLflow
+    alignprop ui [--port 5000]                              # the MLflow UI of ./mlflow.db; stops on SIGTERM
     alignprop --version
     alignprop toy-world build DIR | path | eval [DIR]       # the pretrained toy world (platform/toy_world/cli.py)
 
@@ -323,12 +325,29 @@ def _runs(args: argparse.Namespace) -> None:
     print("\n".join(show_run(uri, args.run)))
 
 
+def _add_ui(sub) -> None:
+    ui = sub.add_parser("ui", help="the MLflow UI of a tracking store on 127.0.0.1 (stops on Ctrl-C or SIGTERM)")
+    ui.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+
+
+def _ui(args: argparse.Namespace) -> None:
+    from .tracking import resolve_tracking_uri
+    from .tracking.ui_server import serve_ui
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port: got {args.port}; accepted: 1-65535")
+    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    sys.exit(serve_ui(uri, args.host, args.port))
+
+
 # (parser, handler) per subcommand, in the order `--help` lists them
 COMMANDS = {
     "train": (_add_train, _train), "tune": (_add_tune, _tune), "sample": (_add_sample, _sample),
     "bench": (_add_bench, _bench), "soup": (_add_soup, _soup), "tiny-model": (_add_tiny_model, _tiny_model),
     "register": (_add_register, _register), "presets": (_add_presets, _presets), "config": (_add_config, _config),
-    "rewards": (_add_rewards, _rewards), "runs": (_add_runs, _runs),
+    "rewards": (_add_rewards, _rewards), "runs": (_add_runs, _runs), "ui": (_add_ui, _ui),
     "toy-world": (toy_world_cli.add_parser, toy_world_cli.run),
 }
 

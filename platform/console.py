@@ -43,7 +43,14 @@ KNOWN_NOISE: list[tuple[str, str]] = [
      "Ray Train resuming a run name; ours prints 'resumed at step N' (a new run: tracking.run_name)"),
     (r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
      "raylet, when a sweep starts its Tune and Train actors at once on a small machine"),
+    (r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group",
+     "Ray Train's PlacementGroupCleaner, each time Tune stops a trial (ASHA) or a run ends"),
 ]
+# Lines that open a traceback Ray logs beside them; the traceback goes too. The Train controller's
+# resource request timing out on a busy CPU: Ray's own text says "it's safe to ignore this error".
+TRACEBACK_NOISE = re.compile(r"Failed to send resource request for .*safe to ignore this error")
+_TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|During handling of the above exception|"
+                             r"The above exception was the direct cause|[\w.]+(Error|Exception)\b)")
 _NOISE = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_NOISE))
 # A FutureWarning torch raises for the collective DeepSpeed calls in ZeRO (not our code).
 _DEPRECATED_COLLECTIVE = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
@@ -96,9 +103,31 @@ def filter_ray_worker_logs() -> None:
         ray_worker.print_to_stdstream = _filtered_printer(printer)
 
 
+class NoiseFilter:
+    """Drops the known noise from the lines one process streams, batch after batch: a line of
+    TRACEBACK_NOISE and the traceback after it (which may continue in the next batch) included."""
+
+    def __init__(self):
+        self.in_traceback: dict[object, bool] = {}  # per streaming process (pid)
+
+    def __call__(self, lines: list[str], source: object = None) -> list[str]:
+        kept, skipping = [], self.in_traceback.get(source, False)
+        for line in lines:
+            if TRACEBACK_NOISE.search(line):
+                skipping = True
+            elif not (skipping and (_TRACEBACK_LINE.match(line) or not line.strip())):
+                skipping = False
+                if not is_noise(line):
+                    kept.append(line)
+        self.in_traceback[source] = skipping
+        return kept
+
+
 def _filtered_printer(printer):
+    drop_noise = NoiseFilter()
+
     def print_lines(data, ignore_prefix: bool):
-        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        lines = drop_noise(data.get("lines", []), data.get("pid"))
         if lines:
             printer({**data, "lines": lines}, ignore_prefix)
 
@@ -107,8 +136,10 @@ def _filtered_printer(printer):
 
 
 def _filtered(handler):
+    drop_noise = NoiseFilter()
+
     def print_lines(data):
-        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        lines = drop_noise(data.get("lines", []), data.get("pid"))
         if lines:
             handler({**data, "lines": lines})
 

@@ -236,9 +236,10 @@ def log_run_model(tracking_uri: str, run_id: str, lora: str = LORA_ARTIFACT) -> 
         code = Path(tmp) / CODE_FILE
         code.write_text(MODEL_CODE)
         # Created here, in the run's experiment (MLflow's fluent path would pick the active or the
-        # default experiment), and linked to the run below without re-logging the run's metrics.
+        # default experiment), with the run's key params; its final metrics are linked below.
         model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
-                                           model_type="alignprop-lora", tags={"alignprop.lora": lora})
+                                           model_type="alignprop-lora", tags={"alignprop.lora": lora},
+                                           params=model_params(read_config(config)))
         with mlflow_uris(tracking_uri), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")  # on purpose: see _signature
             mlflow.pyfunc.log_model(
@@ -248,7 +249,31 @@ def log_run_model(tracking_uri: str, run_id: str, lora: str = LORA_ARTIFACT) -> 
             )
     step = last_logged_step(client, run_id)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=max(step, 0))])
+    link_final_metrics(client, run_id, model.model_id)
     return f"runs:/{run_id}/{MODEL_NAME}"
+
+
+def model_params(cfg: RunConfig) -> dict[str, str]:
+    """What the Model page shows of how it was trained: algorithm, base, rewards, K, lr, steps, rank, seed."""
+    rewards = ",".join(f"{r.get('label', r['name'])}:{float(r.get('weight', 1.0)):g}" for r in cfg.rewards)
+    base = cfg.model.pretrained or f"tiny {cfg.model.arch or 'random'} pipeline"
+    return {"algorithm": cfg.trainer.algorithm, "base": base, "rewards": rewards,
+            "truncation": f"{cfg.truncation.strategy} k={cfg.truncation.k}", "lr": f"{cfg.optim.lr:g}",
+            "max_steps": str(cfg.trainer.max_steps), "lora_rank": str(cfg.lora.rank),
+            "sampling_steps": str(cfg.sampling.num_steps), "seed": str(cfg.trainer.seed)}
+
+
+def link_final_metrics(client, run_id: str, model_id: str) -> None:
+    """The run's last value of each metric, linked to the Model (its page lists them). Logged again
+    with the same key, value, step and timestamp: the run's own history gets no new point."""
+    from mlflow.entities import Metric
+
+    metrics = []
+    for key in client.get_run(run_id).data.metrics:
+        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        metrics.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start:start + 1000], synchronous=True)
 
 
 def run_model(client, run_id: str):

@@ -12,10 +12,11 @@ from .aesthetic import Aesthetic
 from .compressibility import Compressibility, JpegSize, jpeg_size_bytes
 from .object_count import ObjectCount
 from .preference import HPSv2, PickScore
-from .toy import ToyColor, ToyColorMatch, ToyCount, ToyCountExact
+from .toy import (ToyBackgroundMatch, ToyColor, ToyColorMatch, ToyCount, ToyCountExact, ToyCountJudge,
+                  ToyShapeMatch)
 
 __all__ = ["REWARDS", "Reward", "WeightedRewards", "build_reward", "build_rewards", "check_reward_files",
            "describe_rewards", "validate_reward_specs",
            "Brightness", "Colorfulness", "Saturation", "Aesthetic", "Compressibility", "JpegSize",
            "jpeg_size_bytes", "ObjectCount", "HPSv2", "PickScore", "ToyColor", "ToyColorMatch",
-           "ToyCount", "ToyCountExact"]
+           "ToyCount", "ToyCountExact", "ToyCountJudge", "ToyShapeMatch", "ToyBackgroundMatch"]

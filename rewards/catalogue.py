@@ -21,7 +21,8 @@ from .base import Reward, WeightedRewards
 from .compressibility import Compressibility, JpegSize
 from .object_count import ObjectCount
 from .preference import HPSv2, PickScore
-from .toy import ToyColor, ToyColorMatch, ToyCount, ToyCountExact
+from .toy import (ToyBackgroundMatch, ToyColor, ToyColorMatch, ToyCount, ToyCountExact, ToyCountJudge,
+                  ToyShapeMatch)
 
 # read by the combination, not the reward
 _COMBINATION_KEYS = ("name", "weight", "label", "normalize", "normalize_decay")
@@ -34,6 +35,7 @@ REWARDS: dict[str, type[Reward]] = {  # the one lookup of rewards by name
     "aesthetic": Aesthetic, "compressibility": Compressibility, "jpeg_size": JpegSize,
     "object_count": ObjectCount, "hpsv2": HPSv2, "pickscore": PickScore,
     "toy_count": ToyCount, "toy_color": ToyColor, "toy_count_exact": ToyCountExact, "toy_color_match": ToyColorMatch,
+    "toy_count_judge": ToyCountJudge, "toy_shape_match": ToyShapeMatch, "toy_background_match": ToyBackgroundMatch,
 }
 
 

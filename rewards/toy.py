@@ -6,6 +6,15 @@
     eval_rewards:
       - {name: toy_count_exact}                # 1 if the judge counts exactly the prompt's number
       - {name: toy_color_match}                # 1 if the judge's majority colour is the prompt's
+      - {name: toy_count_judge}                # −|judge count − target|: the gold twin of toy_count
+      - {name: toy_shape_match}                # 1 if the objects' majority shape is the prompt's
+      - {name: toy_background_match}           # 1 if the background is the prompt's
+
+Gold beside proxy: `toy_count_judge` is on `toy_count`'s scale, so the two curves share a chart, and
+with both configured every evaluation logs `eval/proxy_error`, the mean |soft count − judge count| on
+the evaluation images: the learned reward being fooled, directly. The same pairing for your own
+reward: a learned reward in `rewards`, an independent gold reward on held-out prompts in
+`eval_rewards`, and `trainer.best_metric` naming the gold one.
 
 `toy_count` and `toy_color` are small CNNs trained on the generator's ground truth (like the
 paper's detector and aesthetic predictors; `alignprop toy-world build-rewards`), shipped beside
@@ -19,6 +28,7 @@ outside a worker; or float32, bfloat16, float16) for the CNN; resizing and score
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -26,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..platform.toy_world.judge import judge
-from ..platform.toy_world import COLOURS, COUNTS, SHIPPED_DIR, SIZE, prompt_colour, prompt_count
+from ..platform.toy_world import COLOURS, COUNTS, SHIPPED_DIR, SIZE, parse_caption, prompt_colour, prompt_count
+from ..platform.toy_world.scenes import BACKGROUNDS, SHAPES
 from .base import DTYPE_CHOICES, Reward, read_state_dict
 
 REWARD_DIR = SHIPPED_DIR / "rewards"
@@ -184,3 +195,87 @@ class ToyColorMatch(Reward):
         wanted = _wanted_colours(self.color, prompts, self.name)
         found = judge(images).colour
         return torch.tensor([float(f == w) for f, w in zip(found, wanted)], device=images.device)
+
+
+class ToyCountJudge(ToyCountExact):
+    """−|judge count − target|: the analytic judge's count on `toy_count`'s scale (gold beside proxy)."""
+
+    name = "toy_count_judge"
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        wanted = torch.tensor(_wanted_counts(self.target, prompts, self.name), dtype=torch.float32)
+        return -(judge(images).count.float() - wanted).abs().to(images.device)
+
+
+def _caption_field(prompts: Sequence[str], reward: str, field: str, accepted: Sequence[str]) -> list[str]:
+    """The shape or background each prompt asks for: the grammar's, else the first such word in it."""
+    def read(prompt: str) -> Optional[str]:
+        caption = parse_caption(prompt)
+        if caption is not None:
+            return getattr(caption, field)
+        words = [w.removesuffix("s") for w in re.findall(r"[a-z]+", prompt.lower())]
+        return next((w for w in words if w in accepted), None)
+
+    return _wanted(None, read, prompts, reward, field, f"{field} ({', '.join(accepted)})")
+
+
+class ToyShapeMatch(Reward):
+    """1.0 where the majority shape of the judge's objects is the prompt's (or `shape`), else 0.0."""
+
+    name = "toy_shape_match"
+    needs = "nothing (analytic judge of the toy world: how much of its box each object fills)"
+    differentiable = False
+    choices = {"shape": SHAPES}
+
+    def __init__(self, shape: Optional[str] = None):
+        super().__init__()
+        self.shape = shape
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        wanted = [self.shape] * len(prompts) if self.shape else _caption_field(prompts, self.name, "shape", SHAPES)
+        found = judge(images).shape
+        return torch.tensor([float(f == w) for f, w in zip(found, wanted)], device=images.device)
+
+
+class ToyBackgroundMatch(Reward):
+    """1.0 where the judge's background (the nearest of white, black, gray) is the prompt's, else 0.0."""
+
+    name = "toy_background_match"
+    needs = "nothing (analytic judge of the toy world: the median of the image's border)"
+    differentiable = False
+    choices = {"background": tuple(BACKGROUNDS)}
+
+    def __init__(self, background: Optional[str] = None):
+        super().__init__()
+        self.background = background
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        wanted = ([self.background] * len(prompts) if self.background
+                  else _caption_field(prompts, self.name, "background", tuple(BACKGROUNDS)))
+        found = judge(images).background
+        return torch.tensor([float(f == w) for f, w in zip(found, wanted)], device=images.device)
+
+
+@torch.no_grad()
+def proxy_errors(rewards, eval_rewards, images: torch.Tensor) -> dict[str, float]:
+    """The learned toy rewards checked against the judge on the same images, where a run has both:
+    `proxy_error` = mean |soft count − judge count| (a `toy_count` reward beside `toy_count_exact` or
+    `toy_count_judge`), `proxy_error_color` = the share of images whose majority object colour the
+    colour CNN and the judge disagree on (`toy_color` beside `toy_color_match`). Empty otherwise."""
+    learned = {type(r) for r in (rewards.rewards if rewards is not None else ())}
+    gold = {type(r) for r in (eval_rewards.rewards if eval_rewards is not None else ())}
+    nets = {type(r): r.net for r in (rewards.rewards if rewards is not None else ()) if isinstance(r, (ToyCount,
+                                                                                                        ToyColor))}
+    out, verdict = {}, None
+    if ToyCount in learned and gold & {ToyCountExact, ToyCountJudge}:
+        verdict = judge(images)
+        soft = count_density(nets[ToyCount], images.float()).sum((1, 2))
+        out["proxy_error"] = float((soft - verdict.count.to(soft.device).float()).abs().mean())
+    if ToyColor in learned and ToyColorMatch in gold:
+        verdict = verdict or judge(images)
+        seen = colour_probs(nets[ToyColor], images.float()).mean((2, 3))[:, :-1].argmax(1).tolist()
+        out["proxy_error_color"] = sum(COLOURS_LIST[i] != c for i, c in zip(seen, verdict.colour)) / len(seen)
+    return out
+
+
+COLOURS_LIST = tuple(COLOURS)

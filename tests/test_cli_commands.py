@@ -77,3 +77,18 @@ def test_runs_show_names_an_unknown_run_or_a_missing_store_in_one_line(tmp_path)
     proc = alignprop("runs", "show", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/none.db", cwd=tmp_path)
     assert proc.returncode == 2 and "--tracking-uri: no MLflow store at" in proc.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_each_subcommands_help_shows_only_its_own_options():
+    import argparse
+    import re
+
+    from alignprop.platform.cli import _parser
+
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, parser in sub.choices.items():
+        own = {option for action in parser._actions for option in action.option_strings}
+        shown = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", parser.format_help()))
+        assert shown <= own, (name, shown - own)
+    proc = alignprop("train", "--help")
+    assert proc.returncode == 0 and "--dry-run" in proc.stdout and "--space" not in proc.stdout, proc.stdout

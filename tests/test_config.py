@@ -24,6 +24,18 @@ def test_tiny_preset_runs_offline_on_two_workers():
     assert cfg.model.tiny and cfg.ray.num_workers == 2 and cfg.deepspeed.zero_stage == 2
 
 
+def test_run_params_lead_with_the_algorithm_and_list_only_its_own_section():
+    from alignprop.platform.config import flatten, run_params, to_dict
+
+    for algorithm, own in (("alignprop", None), ("ddpo", "ddpo"), ("refl", "refl"), ("draft_lv", "draft_lv")):
+        cfg = load_config("tiny-cpu", [f"trainer.algorithm={algorithm}"], paths=False)
+        params = run_params(cfg)
+        sections = {k.split(".", 1)[0] for k in params}
+        assert min(params) == "algorithm" and params["algorithm"] == algorithm
+        assert sections & {"ddpo", "refl", "draft_lv"} == ({own} if own else set()), algorithm
+        assert {k: v for k, v in params.items() if k != "algorithm"}.items() <= flatten(to_dict(cfg)).items()
+
+
 def test_overrides_merge_last_and_types_are_coerced():
     cfg = load_config("tiny-cpu", ["optim.lr=3e-4", "truncation.k=5", "ray.num_workers=1"])
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.truncation.k == 5 and cfg.ray.num_workers == 1

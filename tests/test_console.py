@@ -108,7 +108,8 @@ def test_closing_summary_names_rewards_before_after_lora_and_ui(tmp_path, monkey
     assert "brightness 0.5000 → 0.6000 (+0.1000)" in text and "step 0 → 4" in text
     assert f"LoRA: runs:/{run_id}/lora/final" in text and f"runs:/{run_id}/model" in text and "demo-model v1" in text
     assert "[alignprop] last checkpoint: /ckpt/checkpoint_4" in text
-    assert f"--backend-store-uri {uri}" in text and f"#/experiments/{run.info.experiment_id}/runs/{run_id}" in text
+    assert f"alignprop ui --tracking-uri {uri}" in text
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run_id}" in text
 
 
 def test_the_summary_says_the_task_and_the_toy_worlds_count_task_why_captions_differ():
@@ -118,7 +119,8 @@ def test_the_summary_says_the_task_and_the_toy_worlds_count_task_why_captions_di
     assert task_line(load_config("tiny-cpu", paths=False)).startswith("  task: maximise 1 × brightness")
     line = task_line(load_config("toy-count", paths=False))
     assert line.startswith("  task: maximise 1 × toy_count (target 1); judged by toy_count_exact (target 1), "
-                           "toy_color_match. Draw 1 object whatever the caption says"), line
+                           "toy_count_judge (target 1), toy_color_match, toy_shape_match, toy_background_match; "
+                           "lora/best is chosen on eval/toy_count_judge. Draw 1 object whatever the caption says"), line
     assert "Draw 3 objects" in task_line(load_config("toy-count", ["rewards.toy_count.target=3"], paths=False))
 
 
@@ -164,3 +166,20 @@ def test_a_build_lock_left_by_a_killed_op_build_is_refused_in_one_line(tmp_path,
         check_op_build_lock()
     assert str(err.value) == (f"TORCH_EXTENSIONS_DIR: {lock} is left by an interrupted DeepSpeed op build (11 min "
                               f"old) and would stall the workers; accepted: remove it (rm {lock}) and rerun")
+
+
+
+def test_rays_safe_to_ignore_timeout_goes_with_its_traceback_and_the_next_line_stays():
+    from alignprop.platform.console import NoiseFilter
+
+    drop = NoiseFilter()
+    warning = ("Failed to send resource request for a1b2. If this only happens transiently during network partition "
+               "or CPU being overloaded, it's safe to ignore this error. If this error persists, file a GitHub issue.")
+    first = ["[alignprop] step 1/4", warning, "Traceback (most recent call last):",
+             '  File "/ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py", line 58']
+    second = ["    ray.get(", "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+              "Detected that the Ray Train controller actor (8ebcabad02) is dead. Cleaning up placement group = [x]",
+              "[alignprop] step 2/4", "Traceback (most recent call last):"]
+    assert drop(first, 7) == ["[alignprop] step 1/4"]
+    assert drop(second, 7) == ["[alignprop] step 2/4", "Traceback (most recent call last):"], "others' tracebacks stay"
+    assert drop(['  File "x.py", line 1'], 8) == ['  File "x.py", line 1'], "per process"

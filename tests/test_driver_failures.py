@@ -19,12 +19,23 @@ from conftest import subprocess_env
 from test_cli_errors import assert_one_error_line, run_cli
 
 
+class QuietWebServer(http.server.ThreadingHTTPServer):
+    """Handler threads joined on close, and a probe that hangs up is no traceback: printed from a handler
+    thread, it landed in the next test's captured stderr (CI failed the next test on that traceback)."""
+
+    daemon_threads, block_on_close = False, True
+
+    def handle_error(self, request, client_address):
+        pass
+
+
 @pytest.fixture()
 def web_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server = QuietWebServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
+    server.server_close()  # joins the handler threads
 
 
 def test_a_ray_address_that_is_a_web_server_is_refused_at_once(tmp_path, web_server):

@@ -47,6 +47,7 @@ def test_mlflow_run_has_params_metrics_images_and_lora(trained):
     assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
     assert run.data.params["optim.lr"] == "0.03" and run.data.params["ray.num_workers"] == "2"
     assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["rewards.brightness.weight"] == "1.0"
+    assert run.data.params["algorithm"] == "alignprop" and not [k for k in run.data.params if k.startswith("ddpo.")]
     for key in ("loss", "reward/total_mean", "reward/brightness_mean", "grad_norm", "k", "images_per_s", "step_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4], key
     assert {"eval/reward_total", "eval/saturation", "eval/colorfulness"} <= run.data.metrics.keys()
@@ -141,7 +142,7 @@ def test_console_is_clean_and_ends_with_a_summary(trained):
     grids = "eval/samples/step_0000.png → eval/samples/step_0004.png"
     assert f"samples: runs:/{runs[0].info.run_id}/{grids}" in second.stdout
     assert f"LoRA: runs:/{runs[0].info.run_id}/lora/final" in second.stdout
-    assert "mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///" in second.stdout
+    assert "alignprop ui --tracking-uri sqlite:///" in second.stdout
 
 
 def test_runs_show_reprints_the_closing_summary_from_mlflow(trained):

@@ -60,6 +60,9 @@ def logged(tmp_path_factory):
     save_lora(pipe.unet, root / "lora")
     client.log_artifacts(run_id, str(root / "lora"), "lora/final")
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    for step, value in enumerate([0.1, 0.4, 0.3]):
+        client.log_metric(run_id, "eval/reward_total", value, step=step)
+    client.log_metric(run_id, "train/loss", -0.5, step=2)
     import mlflow
 
     before, here = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
@@ -102,6 +105,20 @@ def test_runs_uri_loads_a_pyfunc_whose_images_carry_the_lora(logged):
     reseeded = predict(logged["model_uri"], logged["uri"], PROMPTS[:1], seed=7)
     assert list(reseeded.seed) == [7] and np.array_equal(np.asarray(decode_image(reseeded.image[0])),
                                                          render(with_lora, PROMPTS[0], 7, cfg))
+
+
+def test_the_model_carries_the_runs_key_params_and_final_metrics_without_new_run_points(logged):
+    from alignprop.platform.mlflow_model import run_model
+
+    client, run_id, cfg = logged["client"], logged["run_id"], logged["cfg"]
+    model = run_model(client, run_id)
+    assert model.params["algorithm"] == "alignprop" and model.params["base"] == "tiny random pipeline"
+    assert model.params["lr"] == f"{cfg.optim.lr:g}" and model.params["truncation"] == "fixed k=4"
+    assert model.params["rewards"] == ",".join(f"{r['name']}:{float(r.get('weight', 1.0)):g}" for r in cfg.rewards)
+    final = {m.key: (m.value, m.step) for m in model.metrics}
+    assert final == {"eval/reward_total": (0.3, 2), "train/loss": (-0.5, 2)}, "the last point of each, not the best"
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/reward_total")]
+    assert sorted(history) == [(0, 0.1), (1, 0.4), (2, 0.3)], "linking them logged no new run point"
 
 
 def test_the_model_is_code_not_a_pickle_and_self_contained(logged, tmp_path):

@@ -3,6 +3,8 @@ server` on 127.0.0.1 that this module starts; checked through MLflow's REST API.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -76,9 +78,11 @@ def sweep(tmp_path_factory, mlflow_server, local_ray):
     space.write_text(f"metric: eval/reward_total\nmode: max\nscheduler: asha\nspace:\n"
                      f"  optim.lr: {{space: grid_search, values: {LRS}}}\n")
     cfg = sweep_config(tmp, mlflow_server, "sweep")
-    started = time.monotonic()
-    summary = run_sweep(cfg, load_space(str(space), cfg), num_samples=1, max_concurrent=2, sweep_name="lr-sweep",
-                        register_as="tiny-alignprop")
+    started, console = time.monotonic(), io.StringIO()
+    with contextlib.redirect_stdout(console):  # what the driver prints, Ray's streamed worker lines included
+        summary = run_sweep(cfg, load_space(str(space), cfg), num_samples=1, max_concurrent=2, sweep_name="lr-sweep",
+                            register_as="tiny-alignprop")
+    (tmp / "console.txt").write_text(console.getvalue())
     return summary, time.monotonic() - started, tmp
 
 
@@ -117,6 +121,17 @@ def test_parent_and_four_children_in_mlflow(sweep, mlflow_server):
     artifacts = urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={parent_id}").read()
     listed = {f["path"] for f in json.loads(artifacts)["files"]}
     assert {"results.csv", "metric_vs_params.png", "best_config.yaml", "best_lora"} <= listed
+
+
+def test_the_console_shows_each_trials_progress_labelled_by_the_trial_and_no_ray_noise(sweep):
+    summary, _, tmp = sweep
+    console = (tmp / "console.txt").read_text().splitlines()
+    for row in summary["rows"]:  # 3 steps: a line for each step (a tenth of 3 rounds to 1)
+        steps = [line for line in console if line.startswith(f"[trial {row['trial_id']}] step ")]
+        assert [line.split()[3] for line in steps] == [f"{n}/3" for n in range(1, int(row["steps"]) + 1)], console
+    assert not [line for line in console if "pid=" in line and " step " in line], "a worker printed progress"
+    noise = ("PlacementGroupCleaner", "repeated", "GetTimeoutError", "tensorboard", "safe to ignore")
+    assert not [line for line in console if any(n in line for n in noise)], console
 
 
 def test_the_closing_summary_names_the_best_trial_its_lora_model_and_the_ui(sweep, mlflow_server):

@@ -31,14 +31,16 @@ import torch
 from ..platform.config import RunConfig, read_prompt_file, refl_bounds
 from ..platform.console import progress_bar
 from ..platform.errors import NonFiniteError
-from ..platform.models import add_lora, load_pipeline, save_lora
+from ..platform.models import add_lora, load_pipeline, lora_delta_norm, save_lora
 from ..platform.tracking import Tracker
 from ..rewards import build_rewards
+from ..rewards.toy import proxy_errors
 from . import ddpo
 from .checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from .checkpoint import load_engine_state, save_engine_state
 from .checkpoint_integrity import write_manifest
 from .ema import LoraEMA
+from .metrics import diversity
 from .engine import broadcast_flag, build_engine, gather_rows, peak_memory_mb, resolve_precision
 from .engine import single_process_world  # noqa: F401 (re-export: bench, gpu-check and tests build worlds with it)
 from .families import denoiser_of
@@ -238,8 +240,8 @@ class AlignPropRecipe:
         """Rank 0: fixed-seed samples of the held-out prompts, scored by train and eval rewards;
         logs the image grid and the best adapter. With EMA, the EMA weights are scored too."""
         metrics = self._evaluate_weights(step, "eval")
-        if metrics["eval/reward_total"] > self.state.best_eval:
-            self.state.best_eval = metrics["eval/reward_total"]
+        if metrics[self.cfg.trainer.best_metric] > self.state.best_eval:
+            self.state.best_eval = metrics[self.cfg.trainer.best_metric]
             self.tracker.log_lora(lambda d: save_lora(self.denoiser, d), "lora/best")
         if self.ema is not None:
             with self.ema.swapped_in(self.lora_parameters()):
@@ -248,13 +250,19 @@ class AlignPropRecipe:
 
     def _evaluate_weights(self, step: int, prefix: str) -> dict[str, float]:
         self.engine.eval()
-        prompts = list(self.eval_prompts)
+        seeds = self.cfg.trainer.eval_seeds
+        prompts = [p for p in self.eval_prompts for _ in range(seeds)]  # each prompt's samples side by side
         with self.autocast():
             out = self.sample(prompts, torch.Generator().manual_seed(self.cfg.trainer.eval_seed))
             total, parts = self.rewards(out.images, prompts)
             held_out = self.eval_rewards(out.images, prompts)[1] if self.eval_rewards is not None else {}
         metrics = {f"{prefix}/reward_total": float(total.mean())}
         metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in {**parts, **held_out}.items()})
+        drift = {"lora_delta_norm": lora_delta_norm(self.denoiser), **proxy_errors(self.rewards, self.eval_rewards,
+                                                                                    out.images.float())}
+        if seeds > 1:
+            drift["diversity"] = diversity(out.images.float().view(-1, seeds, *out.images.shape[1:]))
+        metrics.update({f"{prefix}/{name}": value for name, value in drift.items()})
         self.tracker.log_image(out.images, f"{prefix}/samples", step, captions=prompts)
         return metrics
 

@@ -26,7 +26,7 @@ def _fresh_early_stop() -> dict:
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps completed
-    best_eval: float = -math.inf  # the best held-out `eval/reward_total` so far: `lora/best`
+    best_eval: float = -math.inf  # the best held-out `trainer.best_metric` so far: `lora/best`
     early_stop: dict = field(default_factory=_fresh_early_stop)  # best, evals_without_best, stopped
     last_eval: dict = field(default_factory=dict)  # carried in every report: schedulers compare it each step
     reward_stats: dict = field(default_factory=dict)  # the normalised rewards' running statistics

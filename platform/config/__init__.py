@@ -22,7 +22,8 @@ from .load import load_config, run_name
 from .schema import (ALGORITHMS, CHECKPOINT_MODES, COMPILE_MODES, DTYPE_NAMES, FAMILY_CHOICES, SAFE_NAME,
                      SAFE_NAME_TEXT, TRACKING_SCHEMES, DDPOSection, DeepSpeedSection, DraftLVSection, LoraSection,
                      ModelSection, OptimSection, PerfSection, RaySection, ReFLSection, RunConfig, SamplingSection,
-                     TrackingSection, TrainerSection, TruncationSection, flatten, from_dict, to_dict, to_yaml)
+                     TrackingSection, TrainerSection, TruncationSection, flatten, from_dict, run_params, to_dict,
+                     to_yaml)
 from .validate import refl_bounds, validate
 
 __all__ = ["ALGORITHMS", "ARCH_NAMES", "CHECKPOINT_MODES", "COMPILE_MODES", "DTYPE_NAMES", "FAMILY_CHOICES",
@@ -31,4 +32,5 @@ __all__ = ["ALGORITHMS", "ARCH_NAMES", "CHECKPOINT_MODES", "COMPILE_MODES", "DTY
            "DeepSpeedSection", "DraftLVSection", "LoraSection", "ModelSection", "OptimSection", "PerfSection",
            "RaySection", "ReFLSection", "RunConfig", "SamplingSection", "TrackingSection", "TrainerSection",
            "TruncationSection", "check_paths", "flatten", "from_dict", "list_presets", "load_config", "prompt_path",
-           "read_prompt_file", "refl_bounds", "resolve_preset", "run_name", "to_dict", "to_yaml", "validate"]
+           "read_prompt_file", "refl_bounds", "resolve_preset", "run_name", "run_params", "to_dict", "to_yaml",
+           "validate"]

@@ -104,6 +104,8 @@ class TrainerSection:
     eval_prompts: list[str] = field(default_factory=list)
     eval_prompt_file: Optional[str] = None  # like prompt_file; read on the driver into eval_prompts
     eval_seed: int = 1234
+    eval_seeds: int = 2  # samples of each held-out prompt (>= 2: eval/diversity compares them)
+    best_metric: str = "eval/reward_total"  # what `lora/best`, Tune's default metric and summaries select on (max)
     eval_every: int = 10  # 0 disables evaluation
     ckpt_every: int = 10
     keep_checkpoints: int = 2
@@ -220,6 +222,19 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+ALGORITHM_SECTIONS = {"ddpo": "ddpo", "refl": "refl", "draft_lv": "draft_lv"}  # the section each algorithm alone reads
+
+
+def run_params(cfg: "RunConfig") -> dict[str, Any]:
+    """A run's MLflow params: `algorithm` (sorts first in the UI's alphabetical params view) and the
+    flattened config without the sections of the algorithms it does not run (an AlignProp run lists no
+    `ddpo.*`); `config.yaml` beside them keeps every field."""
+    algorithm = cfg.trainer.algorithm
+    unused = {s for a, s in ALGORITHM_SECTIONS.items() if a != algorithm}
+    params = {k: v for k, v in flatten(to_dict(cfg)).items() if k.split(".", 1)[0] not in unused}
+    return {"algorithm": algorithm, **params}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

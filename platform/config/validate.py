@@ -21,7 +21,7 @@ BOUNDS = {
     "optim.loss_scale": (1e-8, 1e8), "optim.grad_accum": (1, 1024),
     "sampling.num_steps": (1, 1000), "sampling.resolution": (8, 4096), "sampling.guidance_scale": (1, 100.0),
     "trainer.batch_size": (1, 1024), "trainer.max_steps": (1, 10_000_000), "trainer.seed": (0, 2**31 - 1),
-    "trainer.eval_seed": (0, 2**31 - 1), "trainer.keep_checkpoints": (1, 1000),
+    "trainer.eval_seed": (0, 2**31 - 1), "trainer.eval_seeds": (1, 64), "trainer.keep_checkpoints": (1, 1000),
     "lora.rank": (1, 1024), "lora.alpha": (0, 1e4), "ray.num_workers": (1, 4096), "ray.start_timeout_s": (0, 3600.0),
     "ddpo.inner_epochs": (1, 100), "ddpo.clip_range": (0, 100.0), "ddpo.adv_clip_max": (0, 1e3),
     "draft_lv.copies": (1, 64),
@@ -98,11 +98,13 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= tr.ema_decay < 1, "trainer.ema_decay", f"got {tr.ema_decay}; accepted: 0 <= decay < 1 (0 disables)")
     _check(tr.early_stop_patience >= 1, "trainer.early_stop_patience",
            f"got {tr.early_stop_patience}; accepted: an integer >= 1")
+    specs = [s for s in [*cfg.rewards, *cfg.eval_rewards] if isinstance(s, dict)]
+    evaluated = ["eval/reward_total"] + [f"eval/{s.get('label', s.get('name'))}" for s in specs]
     if tr.early_stop_metric is not None:
-        specs = [s for s in [*cfg.rewards, *cfg.eval_rewards] if isinstance(s, dict)]
-        evaluated = ["eval/reward_total"] + [f"eval/{s.get('label', s.get('name'))}" for s in specs]
         _check(tr.early_stop_metric in evaluated and tr.eval_every > 0, "trainer.early_stop_metric",
                f"got {tr.early_stop_metric!r}; accepted (with trainer.eval_every > 0): {', '.join(evaluated)}")
+    _check(tr.best_metric in evaluated, "trainer.best_metric",
+           f"got {tr.best_metric!r}; accepted: {', '.join(evaluated)} (the higher the better)")
     _check(bool(tr.prompts) != bool(tr.prompt_file), "trainer.prompts",
            "set exactly one of trainer.prompts (a list) or trainer.prompt_file")
     _check(all(isinstance(p, str) and p.strip() for p in [*tr.prompts, *tr.eval_prompts]), "trainer.prompts",

@@ -38,7 +38,7 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     repo_db = Path.cwd() / "mlflow.db"
     if tracking_uri == f"sqlite:///{repo_db}" and (Path.cwd() / "Makefile").is_file():
         return f"make ui, then {local}"
-    return f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {tracking_uri}, then {local}"
+    return f"alignprop ui --tracking-uri {tracking_uri}, then {local}"
 
 
 def task_line(cfg: Any) -> str:
@@ -51,6 +51,8 @@ def task_line(cfg: Any) -> str:
     line = "  task: maximise " + " + ".join(f"{r.get('weight', 1.0):g} × {named(r)}" for r in cfg.rewards)
     if cfg.eval_rewards:
         line += "; judged by " + ", ".join(named(r) for r in cfg.eval_rewards)
+    if cfg.trainer.best_metric != "eval/reward_total":
+        line += f"; lora/best is chosen on {cfg.trainer.best_metric}"
     counts = [r["target"] for r in cfg.rewards if r["name"] == "toy_count" and r.get("target") is not None]
     if counts:
         line += (f". Draw {counts[0]} object{'s' if counts[0] != 1 else ''} whatever the caption says: the captions "

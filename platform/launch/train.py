@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ...trainers.checkpoint import check_checkpoint_files
 from ...trainers.checkpoint_integrity import newest_valid
-from ..config import RunConfig, flatten, run_name, to_dict, to_yaml
+from ..config import RunConfig, run_name, run_params, to_yaml
 from ..models import TOY_WORLD_MODEL
 from ..mlflow_model import check_model_name, log_run_model, register_model
 from ..tracking import RUN_NAME_TAG, prompt_sets, quote_filter_value
@@ -59,7 +59,7 @@ def launch(cfg: RunConfig, register: Optional[str] = None) -> TrainOutcome:
     if cfg.model.pretrained == TOY_WORLD_MODEL and (warning := vocabulary_warning([p for d in datasets
                                                                                    for p in d.prompts])):
         print(warning, file=sys.stderr, flush=True)
-    with driver_session(cfg, name, storage, uri, cfg.tracking.experiment or cfg.name, flatten(to_dict(cfg)),
+    with driver_session(cfg, name, storage, uri, cfg.tracking.experiment or cfg.name, run_params(cfg),
                         to_yaml(cfg), datasets=datasets) as run_id:
         print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
         result = fit_interruptibly(build_trainer(cfg, uri, run_id))

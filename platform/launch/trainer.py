@@ -51,6 +51,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             device=ray.train.torch.get_device(), report=report, resume_dir=resume_dir,
             tracking_uri=config["tracking_uri"], run_id=config["run_id"], progress_lines=config.get(
                 "progress_lines", False),
+            progress=config.get("progress", True),
         )).setup()
     recipe.train()
 
@@ -82,8 +83,9 @@ def _quiet_run_failures() -> None:
 
 
 def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Sequence[Any] = (),
-                  storage_path: Optional[str] = None):
-    """The TorchTrainer of one run; the same for `alignprop train` and every sweep trial."""
+                  storage_path: Optional[str] = None, progress: bool = True):
+    """The TorchTrainer of one run; the same for `alignprop train` and every sweep trial (where the
+    driver prints each trial's progress: `progress=False` turns rank 0's bar off)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -94,6 +96,7 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
         train_loop_config={"run": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
                            "storage_path": f"{storage_path}/{run_name(cfg)}",
                            "progress_lines": not sys.stderr.isatty(),  # where the driver prints what rank 0 does
+                           "progress": progress,
                            "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None,
                            "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
                                             if cfg.trainer.eval_prompt_file else None)},

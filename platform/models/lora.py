@@ -56,3 +56,19 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> Path:
         f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
     })
     return Path(directory) / LORA_WEIGHTS_NAME
+
+
+@torch.no_grad()
+def lora_delta_norm(unet: torch.nn.Module) -> float:
+    """Σ over the adapted layers of ‖scaling · B·A‖_F: how far the LoRA moved the denoiser's weights
+    (0 at initialisation, where B = 0). A disabled adapter (`disable_adapters`) counts nothing."""
+    total = 0.0
+    for module in unet.modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or getattr(module, "disable_adapters", False):
+            continue
+        for name in getattr(module, "active_adapters", list(lora_a)):
+            if name in lora_a and name in lora_b:
+                a, b = lora_a[name].weight.float(), lora_b[name].weight.float()
+                total += float(module.scaling[name] * (b.flatten(1) @ a.flatten(1)).norm())
+    return total

@@ -1,6 +1,6 @@
 """Sweep space files (tune_spaces/*.yaml): Ludwig-style, keyed by dotted config paths.
 
-    metric: eval/reward_total          # any metric the recipe reports (rank 0)
+    metric: eval/reward_total          # any metric the recipe reports (rank 0); default trainer.best_metric
     mode: max                          # max | min
     scheduler: asha                    # asha (default) | none;  grace_period, reduction_factor
     search: random                     # random (default) | optuna;  seed
@@ -91,7 +91,7 @@ def load_space(name_or_path: str, cfg: RunConfig) -> SweepSpec:
     if "space" not in data or not isinstance(data["space"], dict):
         got = f"got {_describe(data['space'])}" if "space" in data else "missing"
         raise ConfigError(f"space: {got} in {path.name}; accepted: {SPACE_ACCEPTED}")
-    spec = SweepSpec(name=path.stem, **{k: v for k, v in data.items()})
+    spec = SweepSpec(name=path.stem, **{"metric": cfg.trainer.best_metric, **data})  # default: the run's best_metric
     _check(spec.mode in ("max", "min"), "mode", f"got {_short(spec.mode)}; accepted: max, min")
     _check(spec.scheduler in ("asha", "none"), "scheduler", f"got {_short(spec.scheduler)}; accepted: asha, none")
     _check(spec.search in ("random", "optuna"), "search", f"got {_short(spec.search)}; accepted: random, optuna")

@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
-from ..config import SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, to_dict, to_yaml
+from ..config import (SAFE_NAME, SAFE_NAME_TEXT, ConfigError, RunConfig, flatten, from_dict, run_name, run_params,
+                      to_dict, to_yaml)
 from ..launch import (build_trainer, check_local_resources, check_resume_safety, driver_session, ray_address,
                       resolve_storage_path, resolved_tracking_uri, run_interruptibly)
 from ..mlflow_model import check_model_name, log_run_model
@@ -48,11 +49,11 @@ def run_trial(config: dict[str, Any], base: dict, sweep: dict, plan: dict[str, d
     tags = {**sweep["context_tags"],  # the driver's user/source/commit: in a trial, argv is Ray's worker
             "mlflow.parentRunId": sweep["parent_run_id"], "alignprop.sweep": sweep["name"],
             "alignprop.trial_id": trial_id}
-    with tracked_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), flatten(to_dict(cfg)), to_yaml(cfg),
+    with tracked_run(sweep["tracking_uri"], sweep["experiment"], run_name(cfg), run_params(cfg), to_yaml(cfg),
                      tags,
                      datasets=prompt_sets(cfg)) as run_id:
         build_trainer(cfg, sweep["tracking_uri"], run_id, callbacks=[TuneReportCallback()],
-                      storage_path=sweep["trials_path"]).fit()
+                      storage_path=sweep["trials_path"], progress=False).fit()  # TrialProgress prints it
         # runs:/<run_id>/model; for a trial the scheduler stops, the summary logs it
         log_run_model(sweep["tracking_uri"], run_id)
 
@@ -87,10 +88,24 @@ def default_concurrency(cfg: RunConfig) -> int:
 
 
 class TrialProgress(Callback):
-    """Prints one line per finished trial."""
+    """The sweep's console, printed by the driver in the order things happen: a line per tenth of each
+    trial's steps, labelled by the trial (the workers print none: Ray would prefix theirs with a worker
+    pid, merge parallel trials' lines that differ only in digits, and deliver the last ones after the
+    closing summary), and one line per finished trial."""
 
-    def __init__(self, metric: str, total: int, done: int = 0):
-        self.metric, self.total, self.done = metric, total, done
+    def __init__(self, metric: str, total: int, done: int = 0, max_steps: int = 0):
+        self.metric, self.total, self.done, self.every = metric, total, done, max(1, max_steps // 10)
+        self.max_steps = max_steps
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = result.get("step")
+        if not isinstance(step, int) or (step % self.every and step != self.max_steps):
+            return
+        value = result.get(self.metric)
+        shown = f" {self.metric}={value:.5g}" if isinstance(value, float) else ""
+        reward = result.get("reward/total_mean")
+        train = f" reward={reward:.4f}" if isinstance(reward, float) else ""
+        print(f"[trial {trial_label(trial)}] step {step}/{self.max_steps}{train}{shown}", flush=True)
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
@@ -205,8 +220,8 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
     children = sweep_children(uri, experiment, name)
     pending = _pending(trials, children)
     total = len(trials) if spec.search != "optuna" else num_samples
-    progress, statuses = TrialProgress(spec.metric, total, done=len(trials) - len(pending)), {}
     session, max_steps = time.strftime("%Y-%m-%d_%H-%M-%S"), cfg.trainer.max_steps
+    progress, statuses = TrialProgress(spec.metric, total, done=len(trials) - len(pending), max_steps=max_steps), {}
 
     def run(part: str, param_space: dict, count: int, scheduler, search=None, callbacks=()) -> None:
         """One fresh Tune experiment in <sweep>/tune/<session>-<part>/: written by Tune, never read back.
