@@ -233,18 +233,19 @@ def log_run_model(tracking_uri: str, run_id: str, lora: str = LORA_ARTIFACT) -> 
         lora_dir = str(fetched.rename(Path(tmp) / "lora"))  # the Model's artifacts/lora
         config = download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp, tracking_uri=tracking_uri)
         lora_weights_file(lora_dir, source=f"runs:/{run_id}/{lora}")
+        cfg = read_config(config)
         code = Path(tmp) / CODE_FILE
         code.write_text(MODEL_CODE)
         # Created here, in the run's experiment (MLflow's fluent path would pick the active or the
         # default experiment), with the run's key params; its final metrics are linked below.
         model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                            model_type="alignprop-lora", tags={"alignprop.lora": lora},
-                                           params=model_params(read_config(config)))
+                                           params=model_params(cfg))
         with mlflow_uris(tracking_uri), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")  # on purpose: see _signature
             mlflow.pyfunc.log_model(
                 name=MODEL_NAME, model_id=model.model_id, python_model=str(code),
-                artifacts={"lora": lora_dir, "config": config}, signature=_signature(read_config(config)),
+                artifacts={"lora": lora_dir, "config": config}, signature=_signature(cfg),
                 pip_requirements=_requirements(),
             )
     step = last_logged_step(client, run_id)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..platform.toy_world.judge import judge
+from ..platform.toy_world.judge import COLOUR_NAMES, judge
 from ..platform.toy_world import COLOURS, COUNTS, SHIPPED_DIR, SIZE, parse_caption, prompt_colour, prompt_count
 from ..platform.toy_world.scenes import BACKGROUNDS, SHAPES
 from .base import DTYPE_CHOICES, Reward, read_state_dict
@@ -262,10 +262,9 @@ def proxy_errors(rewards, eval_rewards, images: torch.Tensor) -> dict[str, float
     `proxy_error` = mean |soft count − judge count| (a `toy_count` reward beside `toy_count_exact` or
     `toy_count_judge`), `proxy_error_color` = the share of images whose majority object colour the
     colour CNN and the judge disagree on (`toy_color` beside `toy_color_match`). Empty otherwise."""
-    learned = {type(r) for r in (rewards.rewards if rewards is not None else ())}
+    nets = {type(r): r.net for r in (rewards.rewards if rewards is not None else ()) if type(r) in (ToyCount, ToyColor)}
+    learned = set(nets)
     gold = {type(r) for r in (eval_rewards.rewards if eval_rewards is not None else ())}
-    nets = {type(r): r.net for r in (rewards.rewards if rewards is not None else ()) if isinstance(r, (ToyCount,
-                                                                                                        ToyColor))}
     out, verdict = {}, None
     if ToyCount in learned and gold & {ToyCountExact, ToyCountJudge}:
         verdict = judge(images)
@@ -274,8 +273,5 @@ def proxy_errors(rewards, eval_rewards, images: torch.Tensor) -> dict[str, float
     if ToyColor in learned and ToyColorMatch in gold:
         verdict = verdict or judge(images)
         seen = colour_probs(nets[ToyColor], images.float()).mean((2, 3))[:, :-1].argmax(1).tolist()
-        out["proxy_error_color"] = sum(COLOURS_LIST[i] != c for i, c in zip(seen, verdict.colour)) / len(seen)
+        out["proxy_error_color"] = sum(COLOUR_NAMES[i] != c for i, c in zip(seen, verdict.colour)) / len(seen)
     return out
-
-
-COLOURS_LIST = tuple(COLOURS)

@@ -258,10 +258,11 @@ class AlignPropRecipe:
             held_out = self.eval_rewards(out.images, prompts)[1] if self.eval_rewards is not None else {}
         metrics = {f"{prefix}/reward_total": float(total.mean())}
         metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in {**parts, **held_out}.items()})
+        images = out.images.float()
         drift = {"lora_delta_norm": lora_delta_norm(self.denoiser), **proxy_errors(self.rewards, self.eval_rewards,
-                                                                                    out.images.float())}
+                                                                                    images)}
         if seeds > 1:
-            drift["diversity"] = diversity(out.images.float().view(-1, seeds, *out.images.shape[1:]))
+            drift["diversity"] = diversity(images.view(-1, seeds, *images.shape[1:]))
         metrics.update({f"{prefix}/{name}": value for name, value in drift.items()})
         self.tracker.log_image(out.images, f"{prefix}/samples", step, captions=prompts)
         return metrics

@@ -224,7 +224,7 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-ALGORITHM_SECTIONS = {"ddpo": "ddpo", "refl": "refl", "draft_lv": "draft_lv"}  # the section each algorithm alone reads
+ALGORITHM_SECTIONS = ("ddpo", "refl", "draft_lv")  # the config section that the algorithm of that name alone reads
 
 
 def run_params(cfg: "RunConfig") -> dict[str, Any]:
@@ -232,7 +232,7 @@ def run_params(cfg: "RunConfig") -> dict[str, Any]:
     flattened config without the sections of the algorithms it does not run (an AlignProp run lists no
     `ddpo.*`); `config.yaml` beside them keeps every field."""
     algorithm = cfg.trainer.algorithm
-    unused = {s for a, s in ALGORITHM_SECTIONS.items() if a != algorithm}
+    unused = set(ALGORITHM_SECTIONS) - {algorithm}
     params = {k: v for k, v in flatten(to_dict(cfg)).items() if k.split(".", 1)[0] not in unused}
     return {"algorithm": algorithm, **params}
 
