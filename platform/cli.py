@@ -2,6 +2,7 @@
 
     alignprop train --config tiny-cpu [key=value ...]      # AlignProp through Ray Train + DeepSpeed
     alignprop tune --config tiny-cpu --space k_lr --num-samples 8   # sweep; one Ray Train run per trial
+    alignprop compare --config toy-count --protocol paper  # each method at its own settings; cost ratios, CIs
     alignprop sample --config tiny-cpu --lora runs:/<id>/lora/final --prompt "a cat" --out samples/
     alignprop bench --config tiny-cpu [--json]              # s/step per phase, FLOPs, memory vs K, checkpointing
     alignprop soup --lora A --lora B --weights 0.7 0.3 --out DIR  # mix trained adapters
@@ -111,6 +112,33 @@ def _tune(args: argparse.Namespace) -> None:
 
     summary = run_sweep(cfg, spec, args.num_samples, args.max_concurrent, args.name, args.register, args.trial_retries)
     print("\n".join(closing_lines(summary, spec)), flush=True)
+
+
+# --------------------------------------------------------------------------------- compare
+def _add_compare(sub) -> None:
+    compare = sub.add_parser("compare", help="the methods compared fairly: per-arm lr sweeps on validation, "
+                             "seeds on test, cost ratios with CIs (rerun = resume)")
+    _config_args(compare)
+    compare.add_argument("--protocol", default="paper", help="paper (5 arms, hours on 2 cores) | tiny (the suite's)")
+    compare.add_argument("--name", help="comparison name: its MLflow experiment and sweep prefix "
+                         "(default: <config>-<protocol>; same name = resume)")
+    compare.add_argument("--only", help="comma-separated arms (default: all of the protocol's)")
+    compare.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs hold)")
+    _cluster_args(compare)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import PROTOCOLS, run_compare
+    from .config import SAFE_NAME, SAFE_NAME_TEXT
+
+    if args.protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol: got {args.protocol!r}; accepted: {', '.join(PROTOCOLS)}")
+    name = args.name or f"{Path(args.config).stem}-{args.protocol}"
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"--name: got {name!r}; accepted: {SAFE_NAME_TEXT}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent: got {args.max_concurrent}; accepted: an integer >= 1")
+    run_compare(args.config, _with_flags(args), PROTOCOLS[args.protocol], name, args.only, args.max_concurrent)
 
 
 # ---------------------------------------------------------------------------------- sample
@@ -344,7 +372,8 @@ def _ui(args: argparse.Namespace) -> None:
 
 # (parser, handler) per subcommand, in the order `--help` lists them
 COMMANDS = {
-    "train": (_add_train, _train), "tune": (_add_tune, _tune), "sample": (_add_sample, _sample),
+    "train": (_add_train, _train), "tune": (_add_tune, _tune), "compare": (_add_compare, _compare),
+    "sample": (_add_sample, _sample),
     "bench": (_add_bench, _bench), "soup": (_add_soup, _soup), "tiny-model": (_add_tiny_model, _tiny_model),
     "register": (_add_register, _register), "presets": (_add_presets, _presets), "config": (_add_config, _config),
     "rewards": (_add_rewards, _rewards), "runs": (_add_runs, _runs), "ui": (_add_ui, _ui),

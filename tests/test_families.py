@@ -133,7 +133,9 @@ def test_family_is_read_from_the_pipeline_directory_and_checked(tmp_path):
         load_config("tiny-cpu", ["model.tiny=false", f"model.pretrained={tmp_path / 'xl'}", "model.family=sd3"])
     with pytest.raises(ConfigError, match=r"^model.family: got 'flux'; accepted: auto, sd, sdxl, sd3$"):
         load_config("tiny-cpu", ["model.family=flux"])
-    with pytest.raises(ConfigError, match=r"^sampling.eta: got 1.0 for an sd3 pipeline.*accepted: 0$"):
+    with pytest.raises(ConfigError,
+                       match=r"^sampling.eta: got 1.0 for an sd3 pipeline.*accepted: 0 "
+                             r"\(grpo.s sampler noise on sd3 is grpo.sde_noise\)$"):
         load_config("tiny-sd3-cpu", ["sampling.eta=1.0"])
     with pytest.raises(ConfigError, match=r"^model.t5: "):
         load_config("tiny-sdxl-cpu", ["model.t5=false"])

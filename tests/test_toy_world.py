@@ -238,6 +238,10 @@ def test_toy_prompt_files_are_the_split_and_presets_name_the_shipped_pipeline():
     assert read_prompt_file("toy_train.txt") == [c.text for c in TRAIN_CAPTIONS]
     assert read_prompt_file("toy_heldout.txt") == [c.text for c in HELDOUT_CAPTIONS]
     assert read_prompt_file("toy_eval.txt") == [c.text for c in HELDOUT_CAPTIONS[:32]]
+    validation = read_prompt_file("toy_val.txt")  # the validation split: disjoint from test and training
+    assert validation == [c.text for c in HELDOUT_CAPTIONS[32:]] and len(validation) == 64
+    assert not set(validation) & set(read_prompt_file("toy_eval.txt")) and not set(validation) & set(
+        read_prompt_file("toy_train.txt"))
     assert model_path("toy-world") == str(SHIPPED_DIR) and model_path("org/name") == "org/name"
     for preset in ("toy-count", "toy-compress", "toy-mix"):
         cfg = load_config(preset)

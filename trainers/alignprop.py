@@ -1,6 +1,6 @@
 """The AlignProp recipe, one worker's view: setup → train step → evaluate → save/load checkpoint → train.
 `trainer.algorithm` picks the train step: alignprop (below), refl and draft_lv (a few lines each in
-`_train_images`), ddpo (trainers/ddpo.py); the rest of the lifecycle is shared.
+`_train_images`), ddpo (trainers/ddpo.py), grpo (trainers/grpo.py); the rest of the lifecycle is shared.
 
 Run through Ray Train (one copy per worker) by `alignprop train --config tiny-cpu`; the recipe itself
 knows nothing of Ray: it gets a `WorkerContext` (rank, device, report(), the checkpoint to resume).
@@ -35,7 +35,7 @@ from ..platform.models import add_lora, load_pipeline, lora_delta_norm, save_lor
 from ..platform.tracking import Tracker
 from ..rewards import build_rewards
 from ..rewards.toy import proxy_errors
-from . import ddpo
+from . import ddpo, grpo
 from .checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from .checkpoint import load_engine_state, save_engine_state
 from .checkpoint_integrity import write_manifest
@@ -70,10 +70,24 @@ def load_prompts(cfg: RunConfig) -> list[str]:
     return list(cfg.trainer.prompts) if cfg.trainer.prompts else read_prompt_file(cfg.trainer.prompt_file)
 
 
-def load_eval_prompts(cfg: RunConfig) -> list[str]:
-    if cfg.trainer.eval_prompts or not cfg.trainer.eval_prompt_file:
-        return list(cfg.trainer.eval_prompts)
-    return read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
+def load_eval_prompts(cfg: RunConfig, split: str = "eval") -> list[str]:
+    """The held-out prompts (split eval) or the validation prompts (split val): the list, or the file."""
+    listed, file = getattr(cfg.trainer, f"{split}_prompts"), getattr(cfg.trainer, f"{split}_prompt_file")
+    if listed or not file:
+        return list(listed)
+    return read_prompt_file(file, f"trainer.{split}_prompt_file")
+
+
+def group_size(cfg: RunConfig) -> int:
+    """Images of one drawn prompt per step: grpo.group_size for GRPO, else trainer.images_per_prompt."""
+    return cfg.grpo.group_size if cfg.trainer.algorithm == "grpo" else cfg.trainer.images_per_prompt
+
+
+def eval_settings(cfg: RunConfig) -> SamplerSettings:
+    """The evaluation sampler: the training sampler with trainer.eval_eta / eval_num_steps where set."""
+    s, tr = cfg.sampling, cfg.trainer
+    return SamplerSettings(s.num_steps if tr.eval_num_steps is None else tr.eval_num_steps, s.guidance_scale,
+                           s.eta if tr.eval_eta is None else tr.eval_eta, s.resolution, s.checkpoint_vae)
 
 
 class AlignPropRecipe:
@@ -99,14 +113,17 @@ class AlignPropRecipe:
         self.pipe = load_pipeline(cfg.model, device).to(device)
         self.denoiser = denoiser_of(self.pipe)  # the UNet (sd, sdxl) or the transformer (sd3)
         lora_params = add_lora(self.denoiser, cfg.lora)
-        backward_calls = ddpo.trained_timesteps(cfg) if cfg.trainer.algorithm == "ddpo" else 1
-        self.engine, self.optimizer = build_engine(self.denoiser, lora_params, cfg, device, backward_calls)
+        rl = {"ddpo": (ddpo.trained_timesteps, cfg.ddpo), "grpo": (grpo.trained_timesteps, cfg.grpo)}
+        timesteps, section = rl.get(cfg.trainer.algorithm, (lambda _: 1, None))
+        self.engine, self.optimizer = build_engine(self.denoiser, lora_params, cfg, device, timesteps(cfg),
+                                                   section.updates_per_epoch if section else 1)
         apply_perf(self.pipe, self.denoiser, cfg.perf, device)  # after DeepSpeed's broadcast: contiguous weights
         self.prefix_denoiser = compiled_prefix(self.denoiser, cfg.perf)
         dtype = compute_dtype(cfg.perf, resolve_precision(cfg.deepspeed.precision, device))
         self.rewards = build_rewards(cfg.rewards, dtype=dtype).to(device)
         self.eval_rewards = build_rewards(cfg.eval_rewards, dtype=dtype).to(device) if cfg.eval_rewards else None
         self.prompts, self.eval_prompts = load_prompts(cfg), load_eval_prompts(cfg)
+        self.val_prompts = load_eval_prompts(cfg, "val")
         self.negative = negative_prompt(self.pipe, 1, device)  # CFG's unconditional input, encoded once
         if cfg.trainer.ema_decay > 0:
             self.ema = LoraEMA(cfg.trainer.ema_decay, self.lora_parameters())
@@ -123,12 +140,13 @@ class AlignPropRecipe:
         """A CPU generator seeded by (trainer.seed, *parts): the same draws on every replay."""
         return torch.Generator().manual_seed(hash((self.cfg.trainer.seed, *parts)) % 2**63)
 
-    def sample(self, prompts: list[str], generator: torch.Generator, embeds=None, **options):
-        """`sampling.sample` with the run's settings and models (options: k, grad_steps, stop_at,
-        trajectory); `embeds`: the prompts' conditioning when the caller has it already."""
+    def sample(self, prompts: list[str], generator: torch.Generator, embeds=None,
+               settings: Optional[SamplerSettings] = None, **options):
+        """`sampling.sample` with the run's settings (or `settings`) and models (options: k, grad_steps,
+        stop_at, trajectory); `embeds`: the prompts' conditioning when the caller has it already."""
         embeds = encode_prompts(self.pipe, prompts, self.ctx.device) if embeds is None else embeds
         return sample(self.pipe, self.engine, embeds, self.negative.expand(len(prompts)), generator,
-                      SamplerSettings.of(self.cfg.sampling), checkpoint_unet=self.checkpoint_plan(),
+                      settings or SamplerSettings.of(self.cfg.sampling), checkpoint_unet=self.checkpoint_plan(),
                       prefix_denoiser=self.prefix_denoiser, **options)
 
     def checkpoint_plan(self) -> CheckpointPlan:
@@ -138,9 +156,20 @@ class AlignPropRecipe:
         return autocast(self.cfg.perf, self.ctx.device)
 
     def pick_prompts(self, step: int, micro: int) -> list[str]:
-        """This rank's prompts of (step, micro-batch), drawn with replacement."""
-        pick = random.Random(hash((self.cfg.trainer.seed, step, micro, self.ctx.rank)))
-        return [pick.choice(self.prompts) for _ in range(self.cfg.trainer.batch_size)]
+        """This rank's prompts of (step, micro-batch), drawn with replacement; with groups of m images per
+        prompt (`group_size`), the step's B·accum·workers / m prompts (distinct while the set allows) are
+        drawn once for all ranks, each m times in a row, and this rank's micro-batch is its slice of them:
+        gathered in (rank, micro-batch, sample) order, rows k·m … k·m + m − 1 are one prompt's group."""
+        tr, m = self.cfg.trainer, group_size(self.cfg)
+        if m == 1:
+            pick = random.Random(hash((tr.seed, step, micro, self.ctx.rank)))
+            return [pick.choice(self.prompts) for _ in range(tr.batch_size)]
+        per_step = tr.batch_size * self.cfg.optim.grad_accum * self.ctx.world_size
+        pick, groups = random.Random(f"alignprop-prompts/{tr.seed}/{step}"), per_step // m
+        chosen = (pick.sample(self.prompts, groups) if groups <= len(self.prompts)
+                  else [pick.choice(self.prompts) for _ in range(groups)])
+        start = (self.ctx.rank * self.cfg.optim.grad_accum + micro) * tr.batch_size
+        return [chosen[i // m] for i in range(start, start + tr.batch_size)]
 
     def lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.denoiser.named_parameters() if "lora_" in n]
@@ -150,8 +179,8 @@ class AlignPropRecipe:
         """One optimizer step of `trainer.algorithm`; returns metrics averaged over ranks."""
         if self.cfg.trainer.fail_at_step == step + 1 and not self.ctx.resume_dir:
             raise RuntimeError(f"injected failure at step {step + 1} (trainer.fail_at_step)")
-        if self.cfg.trainer.algorithm == "ddpo":
-            return ddpo.train_step(self, step)
+        if self.cfg.trainer.algorithm in ("ddpo", "grpo"):
+            return {"ddpo": ddpo, "grpo": grpo}[self.cfg.trainer.algorithm].train_step(self, step)
         return self._reward_gradient_step(step)
 
     def _reward_gradient_step(self, step: int) -> dict[str, float]:
@@ -237,9 +266,12 @@ class AlignPropRecipe:
     # -------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Rank 0: fixed-seed samples of the held-out prompts, scored by train and eval rewards;
-        logs the image grid and the best adapter. With EMA, the EMA weights are scored too."""
+        """Rank 0: fixed-seed samples of the held-out prompts (and of the validation prompts, as val/...),
+        by the evaluation sampler (`eval_settings`), scored by train and eval rewards; logs the image grid
+        and the best adapter. With EMA, the EMA weights are scored too."""
         metrics = self._evaluate_weights(step, "eval")
+        if self.val_prompts:
+            metrics.update(self._evaluate_weights(step, "val", self.val_prompts))
         if metrics[self.cfg.trainer.best_metric] > self.state.best_eval:
             self.state.best_eval = metrics[self.cfg.trainer.best_metric]
             self.tracker.log_lora(lambda d: save_lora(self.denoiser, d), "lora/best")
@@ -248,23 +280,28 @@ class AlignPropRecipe:
                 metrics.update(self._evaluate_weights(step, "eval_ema"))
         return metrics
 
-    def _evaluate_weights(self, step: int, prefix: str) -> dict[str, float]:
+    def _evaluate_weights(self, step: int, prefix: str, prompt_set: Optional[list[str]] = None) -> dict[str, float]:
         self.engine.eval()
         seeds = self.cfg.trainer.eval_seeds
-        prompts = [p for p in self.eval_prompts for _ in range(seeds)]  # each prompt's samples side by side
+        prompts = [p for p in prompt_set or self.eval_prompts for _ in range(seeds)]  # each prompt's samples together
         with self.autocast():
-            out = self.sample(prompts, torch.Generator().manual_seed(self.cfg.trainer.eval_seed))
+            out = self.sample(prompts, torch.Generator().manual_seed(self.cfg.trainer.eval_seed),
+                              settings=eval_settings(self.cfg))
             total, parts = self.rewards(out.images, prompts)
             held_out = self.eval_rewards(out.images, prompts)[1] if self.eval_rewards is not None else {}
         metrics = {f"{prefix}/reward_total": float(total.mean())}
         metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in {**parts, **held_out}.items()})
+        if len(prompts) > 1:  # the held-out rewards' standard errors over the samples: a difference's noise
+            metrics.update({f"{prefix}/{label}_se": float(v.float().std() / len(v) ** 0.5)
+                            for label, v in held_out.items()})
         images = out.images.float()
         drift = {"lora_delta_norm": lora_delta_norm(self.denoiser), **proxy_errors(self.rewards, self.eval_rewards,
                                                                                     images)}
         if seeds > 1:
             drift["diversity"] = diversity(images.view(-1, seeds, *images.shape[1:]))
         metrics.update({f"{prefix}/{name}": value for name, value in drift.items()})
-        self.tracker.log_image(out.images, f"{prefix}/samples", step, captions=prompts)
+        if prefix != "val":  # the validation split chooses hyperparameters: its numbers suffice
+            self.tracker.log_image(out.images, f"{prefix}/samples", step, captions=prompts)
         return metrics
 
     def _should_stop(self, metrics: dict[str, float]) -> bool:

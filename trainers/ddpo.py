@@ -4,14 +4,18 @@ AlignProp claims to beat, run by the same recipe, launcher, checkpoints and trac
     alignprop train --config toy-count trainer.algorithm=ddpo
     alignprop train --config sd15-aesthetic-ddpo
 
-One optimizer step = sample a batch with stochastic DDIM (η = `sampling.eta`), keeping every step's
-latents and log-probabilities → score it with any reward (no gradient needed: `jpeg_size` trains) →
-advantages from per-prompt running statistics (or the batch's) → `ddpo.inner_epochs` passes over the
-batch, each one update: for every sample, the steps of a per-sample shuffled order
+One recipe step (an epoch) = sample a batch with stochastic DDIM (η = `sampling.eta`), keeping every
+step's latents and log-probabilities → score it with any reward (no gradient needed: `jpeg_size`
+trains) → advantages from per-prompt running statistics (or the batch's) → `ddpo.inner_epochs` passes
+over the shuffled batch, each split into `ddpo.updates_per_epoch` optimizer steps (the later ones are
+off-policy: PPO's ratio and clip act): for every sample, the steps of a per-sample shuffled order
 (`ddpo.timestep_fraction` of them), the PPO-clipped importance-ratio loss on the recomputed
 log-probability of the stored next latents. As kvablack/ddpo-pytorch `scripts/train.py` (and TRL ≤
 0.23.1's `DDPOTrainer`); the log-probability is its `ddim_step_with_logprob` (diffusers' DDIM
-mean and σ_t = η·sqrt(variance)), per-sample timesteps allowed.
+mean and σ_t = η·sqrt(variance)), per-sample timesteps allowed. `trainer.images_per_prompt` m
+draws B/m prompts × m samples, so per-prompt statistics exist on small prompt sets.
+
+`collect` and `gaussian_log_prob`/`ppo_loss` are shared with GRPO (trainers/grpo.py).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from .families import Conditioning, ddim_mean_std
-from .sampling import encode_prompts, guidance_text, guided_prediction
+from .families import Conditioning, family_of
+from .sampling import SamplerSettings, encode_prompts, guidance_text, guided_prediction
 
 
 def trained_timesteps(cfg) -> int:
@@ -90,22 +94,35 @@ def advantages_for(recipe, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> t
     return mine.clamp(-d.adv_clip_max, d.adv_clip_max).to(recipe.ctx.device)
 
 
+def policy_eta(cfg, pipe) -> float:
+    """The noise of the policy's sampler: DDIM's η (sampling.eta), or for GRPO on sd3 the SDE's noise level."""
+    return cfg.grpo.sde_noise if cfg.trainer.algorithm == "grpo" and family_of(pipe).name == "sd3" else cfg.sampling.eta
+
+
+def policy_log_prob(recipe, pred, t, x, x_next, eta: float):
+    """(log π(x_next | x_t), the policy step's mean, the σ of GRPO's KL term) for per-sample or one `t`."""
+    mean, std, kl_std = family_of(recipe.pipe).policy_mean_std(recipe.pipe.scheduler, pred, t, x, eta)
+    return gaussian_log_prob(x_next, mean, std), mean, kl_std
+
+
 @torch.no_grad()
 def collect(recipe, step: int) -> dict:
-    """grad_accum micro-batches of stochastic DDIM trajectories with their log-probs and rewards."""
+    """grad_accum micro-batches of stochastic trajectories (DDIM, or sd3's SDE) with log-probs and rewards."""
     cfg, s, ctx = recipe.cfg, recipe.cfg.sampling, recipe.ctx
+    eta = policy_eta(cfg, recipe.pipe)
+    settings = SamplerSettings(s.num_steps, s.guidance_scale, eta, s.resolution, s.checkpoint_vae)
     recipe.engine.eval()
     parts, rows = {"prompt_ids": [], "embeds": [], "pooled": [], "x": [], "x_next": [], "log_probs": []}, []
     for micro in range(cfg.optim.grad_accum):
         prompts = recipe.pick_prompts(step, micro)
         trajectory: list = []
         cond = encode_prompts(recipe.pipe, prompts, ctx.device)
-        out = recipe.sample(prompts, recipe.generator(step, micro, ctx.rank), embeds=cond, trajectory=trajectory)
+        out = recipe.sample(prompts, recipe.generator(step, micro, ctx.rank), embeds=cond, trajectory=trajectory,
+                            settings=settings)
         total, components = recipe.rewards(out.images, prompts, gather=recipe.gather)
         rows.append(torch.stack([total, *components.values()], dim=1).float().cpu())
         timesteps = torch.stack([t for t, *_ in trajectory])
-        log_probs = [gaussian_log_prob(x_next, *ddim_mean_std(recipe.pipe.scheduler, pred, t.expand(len(x)), x, s.eta))
-                     for t, x, pred, x_next in trajectory]
+        log_probs = [policy_log_prob(recipe, pred, t, x, x_next, eta)[0] for t, x, pred, x_next in trajectory]
         parts["prompt_ids"].append(torch.tensor([recipe.prompts.index(p) for p in prompts]))
         parts["embeds"].append(cond.embeds)
         parts["pooled"].append(cond.pooled)
@@ -118,17 +135,19 @@ def collect(recipe, step: int) -> dict:
 
 
 def train_step(recipe, step: int) -> dict[str, float]:
-    """One DDPO optimizer step per inner epoch over a freshly sampled batch; metrics over ranks."""
+    """`updates_per_epoch` DDPO optimizer steps per inner epoch over a freshly sampled batch; metrics over
+    ranks (`ratio_dev_first`: max |ratio − 1| over the first update, 0 when it is on-policy)."""
     cfg, d, s, ctx = recipe.cfg, recipe.cfg.ddpo, recipe.cfg.sampling, recipe.ctx
-    start = time.perf_counter()
+    start, eta = time.perf_counter(), policy_eta(cfg, recipe.pipe)
     batch = collect(recipe, step)
     advantages = advantages_for(recipe, batch["prompt_ids"], batch["rows"][:, 0])
     n_samples, n_steps = batch["x"].shape[:2]
     n_train = trained_timesteps(cfg)
     guidance = s.guidance_scale if d.train_cfg else 1.0
     order = random.Random(f"alignprop-ddpo/{cfg.trainer.seed}/{step}/{ctx.rank}")
+    per_update = (cfg.optim.grad_accum // d.updates_per_epoch) * n_train  # backward calls per optimizer step
     recipe.engine.train()
-    kl, clipfrac, losses = [], [], []
+    kl, clipfrac, losses, first_update = [], [], [], [0.0]
     for _ in range(d.inner_epochs):
         samples = order.sample(range(n_samples), n_samples)  # shuffled samples, then per-sample step orders
         step_orders = torch.tensor([order.sample(range(n_steps), n_steps) for _ in range(n_samples)])
@@ -142,13 +161,15 @@ def train_step(recipe, step: int) -> dict[str, float]:
                 t = batch["timesteps"][which]
                 x, x_next = batch["x"][idx, which], batch["x_next"][idx, which]
                 pred = guided_prediction(recipe.pipe, recipe.engine, x, t, text, guidance, s.resolution, None)
-                log_prob = gaussian_log_prob(x_next, *ddim_mean_std(recipe.pipe.scheduler, pred, t, x, s.eta))
+                log_prob = policy_log_prob(recipe, pred, t, x, x_next, eta)[0]
                 old = batch["log_probs"][idx, which]
                 ratio = torch.exp(log_prob - old)
                 loss = ppo_loss(advantages[idx], ratio, d.clip_range)
                 recipe.engine.backward(loss)
-                recipe.engine.step()  # DeepSpeed updates once per grad_accum × n_train calls: once per epoch
+                recipe.engine.step()  # DeepSpeed updates every grad_accum / updates_per_epoch × n_train calls
                 with torch.no_grad():
+                    if len(kl) < per_update:
+                        first_update.append(float((ratio - 1.0).abs().max()))
                     kl.append(float(0.5 * ((log_prob - old) ** 2).mean()))
                     clipfrac.append(float(((ratio - 1.0).abs() > d.clip_range).float().mean()))
                     losses.append(float(loss))
@@ -157,5 +178,6 @@ def train_step(recipe, step: int) -> dict[str, float]:
     metrics = recipe.finish_step(values, time.perf_counter() - start, n_samples * ctx.world_size,
                                  n_steps * cfg_mult + d.inner_epochs * n_train * train_mult)
     metrics.update({"loss": float(np.mean(losses)), "k": float(n_train), "approx_kl": float(np.mean(kl)),
-                    "clipfrac": float(np.mean(clipfrac)), "advantage_abs_mean": float(advantages.abs().mean())})
+                    "clipfrac": float(np.mean(clipfrac)), "advantage_abs_mean": float(advantages.abs().mean()),
+                    "ratio_dev_first": max(first_update)})
     return metrics

@@ -43,14 +43,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(cfg: RunConfig, device: torch.device, backward_calls: int = 1) -> dict:
+def deepspeed_config(cfg: RunConfig, device: torch.device, backward_calls: int = 1, updates: int = 1) -> dict:
     """DeepSpeed's config dict; `backward_calls`: backward() calls per micro-batch (DDPO: one per trained
-    timestep), so that one optimizer step spans `optim.grad_accum` micro-batches of them."""
+    timestep), so that one optimizer step spans `optim.grad_accum` micro-batches of them, or a share of
+    them: `updates` optimizer steps per sampled batch (DDPO's and GRPO's updates_per_epoch)."""
     # perf.autocast keeps the LoRA weights and their optimizer fp32: DeepSpeed's own precision stays off
     precision = "fp32" if cfg.perf.autocast != "none" else resolve_precision(cfg.deepspeed.precision, device)
     return {
         "train_micro_batch_size_per_gpu": cfg.trainer.batch_size,
-        "gradient_accumulation_steps": cfg.optim.grad_accum * backward_calls,
+        "gradient_accumulation_steps": cfg.optim.grad_accum // updates * backward_calls,
         "gradient_clipping": cfg.optim.max_grad_norm,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
@@ -62,14 +63,14 @@ def deepspeed_config(cfg: RunConfig, device: torch.device, backward_calls: int =
 
 
 def build_engine(denoiser: torch.nn.Module, lora_params: list, cfg: RunConfig, device: torch.device,
-                 backward_calls: int = 1):
+                 backward_calls: int = 1, updates: int = 1):
     """(DeepSpeed engine wrapping `denoiser`, its optimizer): AdamW over the LoRA parameters only."""
     import deepspeed
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(lora_params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=denoiser, optimizer=optimizer, config=deepspeed_config(cfg, device, backward_calls))
+        model=denoiser, optimizer=optimizer, config=deepspeed_config(cfg, device, backward_calls, updates))
     return engine, optimizer
 
 

@@ -12,7 +12,8 @@ the sampling loop. The recipes and the sampler call a family object, never the r
 | `sdxl` | UNet | CLIP-L + OpenCLIP-bigG penultimate states, pooled bigG | DDIM | `text_embeds`, `time_ids` |
 | `sd3`  | MMDiT (`pipe.transformer`) | 2 × CLIP (+ T5, optional) | flow-matching Euler | `pooled_projections` |
 
-(`text_embeds`: the pooled bigG state; `time_ids`: size, crop, target size. SD3's Euler sampler is deterministic.)
+(`text_embeds`: the pooled bigG state; `time_ids`: size, crop, target size. SD3's Euler sampler is deterministic;
+GRPO on sd3 samples Flow-GRPO's SDE form of it instead, `sde_mean_std`.)
 
 For `sd3`, K counts the last K Euler steps: the sampler x_{i+1} = x_i + (σ_{i+1} − σ_i) v_θ(x_i, σ_i)
 is differentiable end to end, so truncation, checkpointing and CFG are the same code as DDIM's.
@@ -92,6 +93,25 @@ def _ddim(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor, eta: 
     return mean, std, x0
 
 
+def sde_mean_std(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                 noise_level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's SDE form of a flow-matching Euler step, for per-sample timesteps `t` (B,) or one:
+    (mean of x_next, its σ = std_dev_t·sqrt(−dt), std_dev_t). From yifan123/flow_grpo
+    flow_grpo/diffusers_patch/sd3_sde_with_logprob.py `sde_step_with_logprob` (sde_type 'sde'), without the
+    sampling and the log-probability (`ddpo.gaussian_log_prob` of the mean and σ is its log_prob)."""
+    pred, x = pred.float(), x.float()
+    times = t.reshape(-1).expand(len(x)) if t.numel() == 1 else t
+    index = torch.tensor([scheduler.index_for_timestep(time) for time in times])
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sigmas = scheduler.sigmas.to(x.device, torch.float32)
+    sigma, sigma_prev = sigmas[index].view(shape), sigmas[index + 1].view(shape)
+    sigma_max = sigmas[1].item()
+    dt = sigma_prev - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + pred * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_dev_t * torch.sqrt(-1 * dt), std_dev_t
+
+
 class NaNFreeDDIMScheduler(DDIMScheduler):
     """DDIMScheduler whose stochastic step (η > 0) is `ddim_mean_std` plus σ·noise: the same numbers
     (bitwise, tested), without diffusers' NaN at ᾱ_t = 0. The training sampler and the pipelines of
@@ -150,6 +170,11 @@ class SDFamily:
     def last_step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
         """The sampler's final step again, after a full run (DRaFT-LV's re-noised copies)."""
         return self.step(scheduler, pred, t, latents, eta, variance_noise)
+
+    def policy_mean_std(self, scheduler, pred, t, latents, eta: float):
+        """The stochastic step as a Gaussian policy (DDPO, GRPO): (mean, σ, the σ of GRPO's KL term)."""
+        mean, std = ddim_mean_std(scheduler, pred, t.reshape(-1).expand(len(latents)), latents, eta)
+        return mean, std, std
 
     def predict_x0(self, scheduler, pred, t, latents) -> torch.Tensor:
         """x̂0 from one prediction at t (DDIM's pred_original_sample; ReFL's one-step estimate)."""
@@ -235,7 +260,15 @@ class SD3Family:
         scheduler.set_timesteps(num_steps, device=device, **kwargs)
 
     def step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
-        return scheduler.step(pred, t, latents).prev_sample  # deterministic Euler: eta unused (validated 0)
+        """Euler (eta 0), or with eta > 0 Flow-GRPO's SDE step at noise level eta (grpo.sde_noise)."""
+        if eta == 0:
+            return scheduler.step(pred, t, latents).prev_sample
+        mean, std, _ = sde_mean_std(scheduler, pred, t, latents, eta)
+        return (mean + std * variance_noise.float()).to(latents.dtype)
+
+    def policy_mean_std(self, scheduler, pred, t, latents, eta: float):
+        """(mean, σ, std_dev_t): Flow-GRPO's KL term divides by std_dev_t², not by σ²."""
+        return sde_mean_std(scheduler, pred, t, latents, eta)
 
     def last_step(self, scheduler, pred, t, latents, eta: float, variance_noise) -> torch.Tensor:
         scheduler._step_index = len(scheduler.timesteps) - 1  # the scheduler counts its steps: replay the last

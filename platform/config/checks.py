@@ -24,7 +24,7 @@ def check_paths(cfg: RunConfig) -> None:
     weights, storage path. A prompt file relative to the cwd is made absolute (workers run
     elsewhere); shipped and public set names stay names (the run hash does not depend on paths)."""
     tr = cfg.trainer
-    for key in ("prompt_file", "eval_prompt_file"):
+    for key in ("prompt_file", "eval_prompt_file", "val_prompt_file"):
         name = getattr(tr, key)
         if name:
             read_prompt_file(name, f"trainer.{key}")
@@ -74,10 +74,15 @@ def _check_family(cfg: RunConfig) -> None:
            f"false applies to sd3 pipelines only (this one is {family}); accepted: true")
     _check(family != "sd3" or cfg.trainer.algorithm != "ddpo", "trainer.algorithm",
            "ddpo needs a stochastic DDIM sampler, and sd3's flow-matching Euler sampler is deterministic; accepted "
-           "for sd3: alignprop, refl, draft_lv")
+           "for sd3: alignprop, grpo (Flow-GRPO's SDE sampler, grpo.sde_noise), refl, draft_lv")
     _check(family != "sd3" or cfg.sampling.eta == 0, "sampling.eta",
            f"got {cfg.sampling.eta} for an sd3 pipeline, whose flow-matching Euler sampler is deterministic; "
-           "accepted: 0")
+           "accepted: 0 (grpo's sampler noise on sd3 is grpo.sde_noise)")
+    _check(cfg.trainer.algorithm != "grpo" or family in ("sd3", None) or cfg.sampling.eta > 0, "sampling.eta",
+           f"got 0 with trainer.algorithm=grpo on an {family} pipeline; accepted: 0 < eta <= 1 (grpo's policy there "
+           "is the stochastic DDIM step, as DanceGRPO)")
+    _check(family != "sd3" or not cfg.trainer.eval_eta, "trainer.eval_eta",
+           f"got {cfg.trainer.eval_eta} for an sd3 pipeline (deterministic Euler); accepted: 0 or null")
 
 
 def _check_target_modules(cfg: RunConfig) -> None:

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..presets import resolve_preset
 from ..yaml_files import load_bounded
 from .checks import check_paths
-from .schema import RunConfig, flatten, to_dict
+from .schema import GRPOSection, RunConfig, flatten, to_dict
 from .validate import validate
 
 
@@ -146,7 +146,10 @@ _NOT_IN_RUN_HASH = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_eve
 _ADDED_DEFAULTS = {"model.arch": None, "sampling.activation_budget_mb": None, "perf.autocast": "none",
                    "perf.attention": "sdpa", "perf.channels_last": False,
                    "perf.tf32": True, "perf.compile_prefix": False, "perf.compile_mode": "default",
-                   "trainer.eval_seeds": 2, "trainer.best_metric": "eval/reward_total"}
+                   "trainer.eval_seeds": 2, "trainer.best_metric": "eval/reward_total",
+                   "trainer.eval_eta": None, "trainer.eval_num_steps": None, "trainer.val_prompts": [],
+                   "trainer.val_prompt_file": None, "trainer.images_per_prompt": 1, "ddpo.updates_per_epoch": 1,
+                   **{f"grpo.{f.name}": f.default for f in fields(GRPOSection)}}
 
 
 def run_name(cfg: RunConfig) -> str:

@@ -19,7 +19,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 CHECKPOINT_MODES = ("all", "none", "auto")  # sampling.checkpoint_unet (trainers/sampling.py)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # perf.compile_mode
 FAMILY_CHOICES = ("auto", *FAMILY_NAMES)  # model.family (trainers/families.py)
-ALGORITHMS = ("alignprop", "ddpo", "refl", "draft_lv")  # trainer.algorithm
+ALGORITHMS = ("alignprop", "ddpo", "grpo", "refl", "draft_lv")  # trainer.algorithm
 # Run, sweep and config names become directory names and MLflow tag values: keep them plain.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 SAFE_NAME_TEXT = "letters, digits and . _ + - (at most 128, not starting with . _ + -)"
@@ -105,6 +105,17 @@ class TrainerSection:
     eval_prompt_file: Optional[str] = None  # like prompt_file; read on the driver into eval_prompts
     eval_seed: int = 1234
     eval_seeds: int = 2  # samples of each held-out prompt (>= 2: eval/diversity compares them)
+    # the evaluation sampler (null: the training sampler's sampling.eta / sampling.num_steps): methods that train
+    # with their own sampler (DDPO, GRPO at eta 1; AlignProp at eta 0) are judged by one common sampler
+    eval_eta: Optional[float] = None
+    eval_num_steps: Optional[int] = None
+    # a validation split, scored like the held-out set at every evaluation as `val/...` (choose hyperparameters
+    # on it, report `eval/...`): a list, or a file like prompt_file (toy_val.txt: 64 toy captions)
+    val_prompts: list[str] = field(default_factory=list)
+    val_prompt_file: Optional[str] = None
+    # m images of each drawn prompt per optimizer step (batch = B·accum·workers / m prompts × m): per-prompt
+    # statistics (DDPO's stat tracker) exist on small prompt sets; grpo uses grpo.group_size instead
+    images_per_prompt: int = 1
     best_metric: str = "eval/reward_total"  # what `lora/best`, Tune's default metric and summaries select on (max)
     eval_every: int = 10  # 0 disables evaluation
     ckpt_every: int = 10
@@ -114,6 +125,7 @@ class TrainerSection:
     ema_decay: float = 0.0  # EMA of the LoRA weights (0 disables); evaluated and saved beside them
     fail_at_step: Optional[int] = None  # fault injection for tests: raise at this step unless resumed
     # alignprop (reward backprop through the last K steps) | ddpo (RL: DDPO-IS with PPO clipping) |
+    # grpo (RL: group-normalised advantages, PPO clip, KL to the base; Flow-GRPO / DanceGRPO) |
     # refl (reward on x̂0 from one random late step) | draft_lv (K = 1 with re-noised copies)
     algorithm: str = "alignprop"
 
@@ -130,6 +142,27 @@ class DDPOSection:
     per_prompt_stats: bool = True  # per_prompt_stat_tracking: advantages from each prompt's recent rewards
     stats_buffer: int = 16  # per_prompt_stat_tracking.buffer_size
     stats_min_count: int = 16  # per_prompt_stat_tracking.min_count: below it, the batch's mean and std
+    # optimizer steps per sampled batch (ddpo-pytorch: 256 samples per epoch, 2 updates of 128): the batch is
+    # shuffled and split, so the later updates are off-policy and PPO's ratio and clip act; divides optim.grad_accum
+    updates_per_epoch: int = 1
+
+
+@dataclass
+class GRPOSection:
+    """trainer.algorithm=grpo. Defaults: yifan123/flow_grpo config/base.py + config/grpo.py (`train.*`, `sample.*`)."""
+
+    group_size: int = 8  # sample.num_image_per_prompt: images of one prompt per step, advantages within the group
+    global_std: bool = True  # sample.global_std: divide by the std of all the step's rewards (false: the group's)
+    clip_range: float = 1e-4  # train.clip_range
+    adv_clip_max: float = 5.0  # train.adv_clip_max
+    kl_coef: float = 0.04  # train.beta: KL of each step's Gaussian to the base (adapter off) policy's
+    timestep_fraction: float = 0.99  # train.timestep_fraction: the first int(N·fraction) steps are trained
+    inner_epochs: int = 1  # train.num_inner_epochs
+    updates_per_epoch: int = 1  # optimizer steps per sampled batch (Flow-GRPO: 2); divides optim.grad_accum
+    train_cfg: bool = True  # train.cfg
+    # sd3: the flow-matching SDE's noise level a (sample.noise_level; its step is `sde_step_with_logprob`);
+    # sd/sdxl use DDIM with sampling.eta > 0 (DanceGRPO)
+    sde_noise: float = 0.7
 
 
 @dataclass
@@ -203,6 +236,7 @@ class RunConfig:
     rewards: list[Any] = field(default_factory=lambda: [{"name": "brightness", "weight": 1.0}])
     eval_rewards: list[Any] = field(default_factory=list)
     ddpo: DDPOSection = field(default_factory=DDPOSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
     refl: ReFLSection = field(default_factory=ReFLSection)
     draft_lv: DraftLVSection = field(default_factory=DraftLVSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -224,7 +258,7 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-ALGORITHM_SECTIONS = ("ddpo", "refl", "draft_lv")  # the config section that the algorithm of that name alone reads
+ALGORITHM_SECTIONS = ("ddpo", "grpo", "refl", "draft_lv")  # the section that the algorithm of that name alone reads
 
 
 def run_params(cfg: "RunConfig") -> dict[str, Any]:

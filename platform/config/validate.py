@@ -24,6 +24,9 @@ BOUNDS = {
     "trainer.eval_seed": (0, 2**31 - 1), "trainer.eval_seeds": (1, 64), "trainer.keep_checkpoints": (1, 1000),
     "lora.rank": (1, 1024), "lora.alpha": (0, 1e4), "ray.num_workers": (1, 4096), "ray.start_timeout_s": (0, 3600.0),
     "ddpo.inner_epochs": (1, 100), "ddpo.clip_range": (0, 100.0), "ddpo.adv_clip_max": (0, 1e3),
+    "grpo.inner_epochs": (1, 100), "grpo.clip_range": (0, 100.0), "grpo.adv_clip_max": (0, 1e3),
+    "grpo.kl_coef": (0, 1e6), "grpo.group_size": (1, 4096), "ddpo.updates_per_epoch": (1, 1024),
+    "grpo.updates_per_epoch": (1, 1024), "trainer.images_per_prompt": (1, 4096),
     "draft_lv.copies": (1, 64),
 }
 MAX_REWARD_WEIGHT = 1e9
@@ -99,7 +102,17 @@ def validate(cfg: RunConfig) -> None:
     _check(tr.early_stop_patience >= 1, "trainer.early_stop_patience",
            f"got {tr.early_stop_patience}; accepted: an integer >= 1")
     specs = [s for s in [*cfg.rewards, *cfg.eval_rewards] if isinstance(s, dict)]
-    evaluated = ["eval/reward_total"] + [f"eval/{s.get('label', s.get('name'))}" for s in specs]
+    splits = ("eval", "val") if tr.val_prompts or tr.val_prompt_file else ("eval",)
+    evaluated = [f"{split}/{name}" for split in splits
+                 for name in ["reward_total", *(s.get('label', s.get('name')) for s in specs)]]
+    _check(tr.eval_eta is None or 0 <= tr.eval_eta <= 1, "trainer.eval_eta",
+           f"got {tr.eval_eta}; accepted: 0 <= eta <= 1, or null for sampling.eta")
+    _check(tr.eval_num_steps is None or 1 <= tr.eval_num_steps <= 1000, "trainer.eval_num_steps",
+           f"got {tr.eval_num_steps}; accepted: 1 <= steps <= 1000, or null for sampling.num_steps")
+    _check(not (tr.val_prompts and tr.val_prompt_file), "trainer.val_prompts",
+           "set at most one of trainer.val_prompts (a list) or trainer.val_prompt_file")
+    _check(all(isinstance(p, str) and p.strip() for p in tr.val_prompts), "trainer.val_prompts",
+           "contains an empty prompt; accepted: non-empty strings")
     if tr.early_stop_metric is not None:
         _check(tr.early_stop_metric in evaluated and tr.eval_every > 0, "trainer.early_stop_metric",
                f"got {tr.early_stop_metric!r}; accepted (with trainer.eval_every > 0): {', '.join(evaluated)}")
@@ -116,7 +129,8 @@ def validate(cfg: RunConfig) -> None:
            "trainer.eval_every=0")
     _validate_algorithm(cfg)
     _check_bounds(cfg)
-    validate_reward_specs(cfg.rewards, "rewards", allow_empty=False, needs_gradient=tr.algorithm != "ddpo")
+    validate_reward_specs(cfg.rewards, "rewards", allow_empty=False,
+                          needs_gradient=tr.algorithm not in ("ddpo", "grpo"))
     validate_reward_specs(cfg.eval_rewards, "eval_rewards", allow_empty=True)
     d = cfg.deepspeed
     _check(d.zero_stage in (0, 1, 2), "deepspeed.zero_stage", f"got {d.zero_stage}; accepted: 0, 1, 2")
@@ -168,6 +182,24 @@ def _validate_algorithm(cfg: RunConfig) -> None:
         _check(cfg.sampling.eta > 0, "sampling.eta",
                "got 0 with trainer.algorithm=ddpo; accepted: 0 < eta <= 1 (DDPO's policy is the stochastic DDIM "
                "step; ddpo-pytorch: 1.0)")
+    g, accum = cfg.grpo, cfg.optim.grad_accum
+    _check(g.clip_range > 0, "grpo.clip_range", f"got {g.clip_range}; accepted: > 0")
+    _check(g.adv_clip_max > 0, "grpo.adv_clip_max", f"got {g.adv_clip_max}; accepted: > 0")
+    _check(g.kl_coef >= 0, "grpo.kl_coef", f"got {g.kl_coef}; accepted: >= 0 (0: no KL term)")
+    _check(0 < g.timestep_fraction <= 1, "grpo.timestep_fraction",
+           f"got {g.timestep_fraction}; accepted: 0 < fraction <= 1")
+    _check(0 < g.sde_noise <= 10, "grpo.sde_noise", f"got {g.sde_noise}; accepted: 0 < noise <= 10 (Flow-GRPO: 0.7)")
+    for section, updates in (("ddpo", d.updates_per_epoch), ("grpo", g.updates_per_epoch)):
+        _check(updates >= 1 and accum % updates == 0, f"{section}.updates_per_epoch",
+               f"got {updates} with optim.grad_accum={accum}; accepted: a divisor of optim.grad_accum (each update "
+               "takes grad_accum / updates_per_epoch micro-batches)")
+    images = cfg.trainer.batch_size * accum * cfg.ray.num_workers
+    group, key = (g.group_size, "grpo.group_size") if a == "grpo" else (cfg.trainer.images_per_prompt,
+                                                                        "trainer.images_per_prompt")
+    _check(group >= 1 and images % group == 0, key,
+           f"got {group}; accepted: a divisor of the images per step (trainer.batch_size × optim.grad_accum × "
+           f"ray.num_workers = {images})")
+    _check(a != "grpo" or group >= 2, key, f"got {group}; accepted: >= 2 (advantages are relative within a group)")
     low, high = refl_bounds(cfg)
     _check(0 <= low <= high <= n - 1, "refl.low",
            f"got low={low}, high={high}; accepted: 0 <= low <= high <= sampling.num_steps - 1 ({n - 1})")

@@ -35,6 +35,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg.trainer.prompts, cfg.trainer.prompt_file = list(config["prompts"]), None
     if config.get("eval_prompts"):
         cfg.trainer.eval_prompts, cfg.trainer.eval_prompt_file = list(config["eval_prompts"]), None
+    if config.get("val_prompts"):
+        cfg.trainer.val_prompts, cfg.trainer.val_prompt_file = list(config["val_prompts"]), None
 
     def ray_report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -99,7 +101,9 @@ def build_trainer(cfg: RunConfig, tracking_uri: str, run_id: str, callbacks: Seq
                            "progress": progress,
                            "prompts": read_prompt_file(cfg.trainer.prompt_file) if cfg.trainer.prompt_file else None,
                            "eval_prompts": (read_prompt_file(cfg.trainer.eval_prompt_file, "trainer.eval_prompt_file")
-                                            if cfg.trainer.eval_prompt_file else None)},
+                                            if cfg.trainer.eval_prompt_file else None),
+                           "val_prompts": (read_prompt_file(cfg.trainer.val_prompt_file, "trainer.val_prompt_file")
+                                           if cfg.trainer.val_prompt_file else None)},
         # On our loopback Ray the c10d rendezvous listens on 127.0.0.1 too (platform/launch/loopback.py).
         torch_config=(LoopbackTorchConfig if on_loopback_node() else TorchConfig)(
             backend="nccl" if cfg.ray.use_gpu else "gloo"),

@@ -5,6 +5,7 @@ write it in diffusers' format, loadable by the family's `pipe.load_lora_weights(
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,3 +73,14 @@ def lora_delta_norm(unet: torch.nn.Module) -> float:
                 a, b = lora_a[name].weight.float(), lora_b[name].weight.float()
                 total += float(module.scaling[name] * (b.flatten(1) @ a.flatten(1)).norm())
     return total
+
+
+@contextmanager
+def adapters_disabled(denoiser: torch.nn.Module):
+    """The base model inside the block: the LoRA adapter switched off (diffusers' `disable_adapters`),
+    then on again, also after an error (GRPO's reference policy, the base-model evaluations)."""
+    denoiser.disable_adapters()
+    try:
+        yield denoiser
+    finally:
+        denoiser.enable_adapters()

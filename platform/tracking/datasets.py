@@ -26,7 +26,8 @@ def prompt_sets(cfg) -> list[PromptSet]:
     `check_paths`, which fetches public sets and makes relative paths absolute."""
     tr, sets = cfg.trainer, []
     for context, key, prompts, file in (("training", "trainer.prompts", tr.prompts, tr.prompt_file),
-                                        ("evaluation", "trainer.eval_prompts", tr.eval_prompts, tr.eval_prompt_file)):
+                                        ("evaluation", "trainer.eval_prompts", tr.eval_prompts, tr.eval_prompt_file),
+                                        ("validation", "trainer.val_prompts", tr.val_prompts, tr.val_prompt_file)):
         if prompts:
             sets.append(PromptSet(context, key, "config", tuple(prompts)))
         elif file:
