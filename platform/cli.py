@@ -152,14 +152,19 @@ def _add_sample(sub) -> None:
     sample.add_argument("--prompt", action="append", required=True, help="repeatable")
     sample.add_argument("--out", required=True, help="output directory")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--lora-scale", type=float, default=1.0,
+                        help="the LoRA at this × its trained strength (default 1; e.g. 0.5 against over-optimisation)")
     sample.add_argument("--tracking-uri", help="MLflow URI used to resolve runs:/ LoRA URIs")
 
 
 def _sample(args: argparse.Namespace) -> None:
     from .sample import sample_setup, write_samples
 
+    if not 0 <= args.lora_scale <= 4:
+        raise ConfigError(f"--lora-scale: got {args.lora_scale:g}; accepted: a number in [0, 4]")
     cfg, lora_path = sample_setup(args.config, _with_flags(args), args.lora, args.tracking_uri, args.any_base)
-    for path in write_samples(cfg, args.prompt, args.out, args.lora, args.seed, args.tracking_uri, lora_path):
+    for path in write_samples(cfg, args.prompt, args.out, args.lora, args.seed, args.tracking_uri, lora_path,
+                              args.lora_scale):
         print(path)
 
 

@@ -50,6 +50,7 @@ mlflow.models.set_model(AlignPropModel())
 # What one request may ask (a request past these is refused with a 400 naming the limit, before any
 # sampling: one request cannot occupy the host for long).
 MAX_ROWS, MAX_PROMPT_CHARS, MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 16, 1000, 200, 100.0, 2**31 - 1
+MAX_LORA_SCALE = 4.0
 # What loading the Model imports; pinned to this environment's versions (MLflow infers nothing).
 REQUIREMENTS = ("alignprop-platform", "mlflow", "torch", "diffusers", "transformers", "peft", "safetensors",
                 "omegaconf", "pillow", "pandas")
@@ -65,7 +66,8 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
     `mlflow models serve`'s JSON, `{"predictions": [{"prompt", "seed", "image"}, ...]}`;
     `decode_image` turns it into a PIL image). Params (MLflow `params=`): `seed` (default 0; row i
     uses seed + i, as `alignprop sample` does, so the same seed gives the same image),
-    `num_steps` and `guidance_scale` (default: the run's `sampling` values). A request of more than
+    `num_steps` and `guidance_scale` (default: the run's `sampling` values), `lora_scale` (default 1: the
+    adapter at that × its trained strength, DRaFT's remedy for over-optimisation). A request of more than
     MAX_ROWS prompts, a prompt over MAX_PROMPT_CHARS characters, or params outside their ranges is
     refused with an `INVALID_PARAMETER_VALUE` error (HTTP 400 when served) that names the limit."""
 
@@ -87,11 +89,15 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
         import torch
 
+        from alignprop.platform.models import set_pipeline_lora_scale
+
         params, s = params or {}, self.sampling
         seed = _param(params, "seed", 0, int, 0, MAX_SEED)
         steps = _param(params, "num_steps", s.num_steps, int, 1, MAX_STEPS)
         guidance = _param(params, "guidance_scale", s.guidance_scale, float, 1.0, MAX_GUIDANCE)
+        lora_scale = _param(params, "lora_scale", 1.0, float, 0.0, MAX_LORA_SCALE)
         prompts = _prompts(model_input)
+        set_pipeline_lora_scale(self.pipe, lora_scale)  # every request sets it: a default request is scale 1
         rows = []
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
@@ -170,7 +176,8 @@ def _signature(cfg: RunConfig):
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]),
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("num_steps", "long", cfg.sampling.num_steps),
-                            ParamSpec("guidance_scale", "double", float(cfg.sampling.guidance_scale))]),
+                            ParamSpec("guidance_scale", "double", float(cfg.sampling.guidance_scale)),
+                            ParamSpec("lora_scale", "double", 1.0)]),
     )
 
 

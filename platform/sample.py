@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import ConfigError, ModelSection, RunConfig, load_config
-from .models import LORA_WEIGHTS_NAME, TOY_WORLD_MODEL, load_pipeline
+from .models import LORA_WEIGHTS_NAME, TOY_WORLD_MODEL, load_pipeline, set_pipeline_lora_scale
 from .console import load_lora_weights
 from ..trainers.families import denoiser_of, family_of
 from .soup.mix import check_fits, lora_weights_file
@@ -159,9 +159,10 @@ def _check_local_store(uri: str, lora: str) -> None:
 
 @torch.no_grad()
 def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Optional[str], seed: int = 0,
-                  tracking_uri: Optional[str] = None, lora_path: Optional[Path] = None) -> list[Path]:
-    """Writes base_<i>.png (and lora_<i>.png with `lora`) for each prompt, same seed per prompt
-    (`lora_path`: `lora` already resolved, by `sample_setup`)."""
+                  tracking_uri: Optional[str] = None, lora_path: Optional[Path] = None,
+                  lora_scale: float = 1.0) -> list[Path]:
+    """Writes base_<i>.png (and lora_<i>.png with `lora`, at `lora_scale` × its strength) for each prompt,
+    same seed per prompt (`lora_path`: `lora` already resolved, by `sample_setup`)."""
     if lora and lora_path is None:
         lora_path = resolve_lora(lora, tracking_uri or cfg.tracking.uri)  # fail before loading models
     lora_file = lora_weights_file(lora_path, source=lora) if lora_path else None
@@ -180,6 +181,8 @@ def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Option
     for tag, path in variants:
         if path is not None:  # always the checked .safetensors file: diffusers never falls back to a pickle
             load_lora_weights(pipe, str(path.parent), path.name)
+            if lora_scale != 1.0:
+                set_pipeline_lora_scale(pipe, lora_scale)
         for i, prompt in enumerate(prompts):
             image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i),
                          **family.call_kwargs(s)).images[0]

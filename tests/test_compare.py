@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from alignprop.platform.compare.protocol import TINY
 from alignprop.platform.compare.ratios import (Curve, auc, crosses, first_crossing, go_no_go, ranking, ratio_ci, reach,
                                                targets)
 
@@ -57,7 +56,8 @@ def test_targets_ranking_auc_and_go_no_go():
     assert targets({"ddpo": 0.6, "grpo": 0.9}, 0.0) == {"ddpo final": 0.6, "grpo final": 0.9,
                                                         "33% of the way to ddpo": pytest.approx(0.2),
                                                         "67% of the way to ddpo": pytest.approx(0.4)}
-    assert targets({"ddpo": -0.1, "grpo": 0.9}, 0.0) == {"grpo final": 0.9, "33% of the way to grpo": pytest.approx(0.3),
+    assert targets({"ddpo": -0.1, "grpo": 0.9}, 0.0) == {"grpo final": 0.9,
+                                                         "33% of the way to grpo": pytest.approx(0.3),
                                                          "67% of the way to grpo": pytest.approx(0.6)}
     assert targets({"ddpo": 0.0}, 0.0) == {}  # a baseline that did not improve on the base model sets no target
     fast, slow = linear(1.0, np.array([0.0, 0.01])), linear(0.25, np.array([0.0, 0.01]), budget=50)
@@ -71,42 +71,57 @@ def test_targets_ranking_auc_and_go_no_go():
     assert not go_no_go(images, np.array([0.0, 0.02, 0.05, 0.9]), np.full(4, 0.05))["go"]  # 0.9 comes after 2000
 
 
+def compare_cli(tmp_path, *overrides):
+    """`alignprop compare` as a user runs it, in its own process (Ray Tune keeps per-process state that a
+    second Ray in the same process would trip over)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    return subprocess.run([sys.executable, "-m", "alignprop.platform.cli", "compare", "--config", "toy-count",
+                           "--protocol", "tiny", "--name", "tiny-compare", "--max-concurrent", "2", *overrides],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
-def test_the_tiny_protocol_runs_both_phases_and_reports_into_mlflow(tmp_path, monkeypatch, capsys):
+def test_the_tiny_protocol_runs_both_phases_and_reports_into_mlflow(tmp_path):
     from mlflow import MlflowClient
 
-    from alignprop.platform.compare import run_compare
     from alignprop.platform.sweeps.resume import sweep_children
 
-    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     few = ["one red circle on a white background", "two blue squares on a black background"]
     validation = ["three green triangles on a gray background", "one blue circle on a white background"]
     overrides = [f"tracking.uri={uri}", f"ray.storage_path={tmp_path}/ray", "trainer.eval_prompt_file=null",
                  f"trainer.eval_prompts=[{', '.join(few)}]", "trainer.val_prompt_file=null",
                  f"trainer.val_prompts=[{', '.join(validation)}]"]
-    report = run_compare("toy-count", overrides, TINY, "tiny-compare", max_concurrent=2)
-    assert report["chosen"]["alignprop"] in (1e-3, 1e-2) and report["chosen"]["grpo"] == 1e-2
+    first = compare_cli(tmp_path, *overrides)
+    assert first.returncode == 0, first.stderr[-3000:]
     client = MlflowClient(uri)
-    listed = {f.path for f in client.list_artifacts(report["run_id"])}
+    experiment = client.get_experiment_by_name("tiny-compare")
+    [report] = client.search_runs([experiment.experiment_id], "tags.`alignprop.role` = 'compare'")
+    assert report.info.status == "FINISHED"
+    chosen = {arm: float(report.data.params[f"compare.{arm}.lr"]) for arm in ("alignprop", "grpo")}
+    assert chosen["alignprop"] in (1e-3, 1e-2) and chosen["grpo"] == 1e-2
+    listed = {f.path for f in client.list_artifacts(report.info.run_id)}
     assert {"sample_efficiency.png", "sample_efficiency.md", "sample_efficiency.csv"} <= listed
-    run = client.get_run(report["run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["alignprop.role"] == "compare"
     for arm, trials in (("alignprop", 2), ("grpo", 1)):
         lr_runs = sweep_children(uri, "tiny-compare", f"tiny-compare-{arm}-lr")
         seed_runs = sweep_children(uri, "tiny-compare", f"tiny-compare-{arm}-seeds")
         assert len(lr_runs) == trials and len(seed_runs) == 2
         seeds = sorted(int(r.data.params["trainer.seed"]) for r in seed_runs.values())
         lrs = {float(r.data.params["optim.lr"]) for r in seed_runs.values()}
-        assert seeds == [1, 2] and lrs == {report["chosen"][arm]}
+        assert seeds == [1, 2] and lrs == {chosen[arm]}
         for r in seed_runs.values():  # every arm judged by the common sampler, on test and validation
             assert r.data.params["trainer.eval_eta"] == "0.0" and "val/toy_count_judge" in r.data.metrics
-    text = report["markdown"]
+    text = client.download_artifacts(report.info.run_id, "sample_efficiency.md", str(tmp_path))
+    text = open(text).read()
     assert "| alignprop |" in text and "| grpo |" in text and "Ranking on test gold at equal images" in text
-    assert all(r["baseline"] == "grpo" and r["method"] in ("alignprop", "–") for r in report["rows"])
-    assert all(math.isnan(r["ratio"]) or (r["baseline_crosses"] and r["method_crosses"]) for r in report["rows"])
-    capsys.readouterr()
-    again = run_compare("toy-count", overrides, TINY, "tiny-compare", max_concurrent=2)  # resumes: nothing reruns
-    assert again["chosen"] == report["chosen"] and again["run_id"] == report["run_id"]
+    assert "[compare] alignprop: lr" in first.stderr and "[compare] grpo: go/no-go:" in first.stderr
+    again = compare_cli(tmp_path, *overrides)  # resumes: every sweep is done, nothing reruns
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming sweep tiny-compare-alignprop-lr" in again.stderr and "2 of 2 planned trials done" in again.stderr
     assert len(sweep_children(uri, "tiny-compare", "tiny-compare-alignprop-seeds")) == 2
-    assert "resuming sweep tiny-compare-alignprop-lr" in capsys.readouterr().err
+    [same] = client.search_runs([experiment.experiment_id], "tags.`alignprop.role` = 'compare'")
+    assert same.info.run_id == report.info.run_id

@@ -112,6 +112,29 @@ def test_closing_summary_names_rewards_before_after_lora_and_ui(tmp_path, monkey
     assert f"#/experiments/{run.info.experiment_id}/runs/{run_id}" in text
 
 
+def test_closing_summary_sets_the_proxy_beside_the_gold_and_its_best_step(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from alignprop.platform.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    for step, proxy, gold in ((0, -1.6, -1.5), (10, -1.0, -0.9), (20, -0.4, -1.3)):  # hacked after step 10
+        client.log_metric(run_id, "eval/toy_count", proxy, step=step)
+        client.log_metric(run_id, "eval/toy_count_judge", gold, step=step)
+        client.log_metric(run_id, "eval/toy_count_judge_se", 0.1, step=step)
+    outcome = SimpleNamespace(run_name="demo", mlflow_run_id=run_id, tracking_uri=uri, checkpoint_path="/ckpt",
+                              metrics={"step": 20})
+    lines = closing_summary(outcome, cfg=load_config("toy-count", paths=False))
+    assert ("  proxy vs gold: toy_count -1.6000 → -0.4000 (trained) | toy_count_judge -1.5000 → -1.3000 (gold; its "
+            "best -0.9000 at step 10: lora/best)") in lines, lines
+    assert not any("toy_count_judge_se" in line for line in lines), "standard errors stay in MLflow"
+
+
 def test_the_summary_says_the_task_and_the_toy_worlds_count_task_why_captions_differ():
     from alignprop.platform.config import load_config
     from alignprop.platform.launch.summary import task_line

@@ -107,6 +107,20 @@ def test_runs_uri_loads_a_pyfunc_whose_images_carry_the_lora(logged):
                                                          render(with_lora, PROMPTS[0], 7, cfg))
 
 
+def test_lora_scale_zero_is_the_base_pipeline_and_a_later_default_request_is_scale_one_again(logged):
+    import mlflow
+
+    cfg = logged["cfg"]
+    with mlflow_uris(logged["uri"]):
+        model = mlflow.pyfunc.load_model(logged["model_uri"])  # one model: the scale must not stick
+    frame = pd.DataFrame({"prompt": PROMPTS[:1]})
+    zero, default = (np.asarray(decode_image(model.predict(frame, params=params).image[0]))
+                     for params in ({"lora_scale": 0.0}, None))
+    assert np.array_equal(zero, render(load_pipeline(cfg.model), PROMPTS[0], 0, cfg)), "scale 0: the base pipeline"
+    assert np.array_equal(default, np.asarray(decode_image(predict(logged["model_uri"], logged["uri"],
+                                                                   PROMPTS[:1]).image[0])))
+
+
 def test_the_model_carries_the_runs_key_params_and_final_metrics_without_new_run_points(logged):
     from alignprop.platform.mlflow_model import run_model
 

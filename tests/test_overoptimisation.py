@@ -92,6 +92,8 @@ def test_best_metric_is_checked_and_defaults_tunes_metric(tmp_path):
         load_config("toy-count", ["trainer.best_metric=eval/nope"])
     cfg = load_config("toy-count")
     assert cfg.trainer.best_metric == "eval/toy_count_judge"
+    stopping = load_config("toy-count", ["trainer.early_stop_metric=best"]).trainer.early_stop_metric
+    assert stopping == cfg.trainer.best_metric, "early stopping on `best`: the metric lora/best is chosen on"
     (tmp_path / "lr.yaml").write_text("space:\n  optim.lr: {space: choice, categories: [0.001, 0.01]}\n")
     assert load_space(str(tmp_path / "lr.yaml"), cfg).metric == "eval/toy_count_judge", "no metric: the run's"
 
@@ -127,3 +129,144 @@ def test_best_metric_decides_which_evaluation_becomes_lora_best(deepspeed_world,
         lora_b = [k for k in weights if "lora_B" in k or "lora.up" in k]
         chosen[best] = lora_b and any(weights[k].any() for k in lora_b)  # B ≠ 0: a trained adapter
     assert chosen == {"eval/reward_total": True, "eval/bright": False}, "trained on the default, the base on bright"
+
+
+def perturbed_lora(model, scale=0.05):
+    """A LoRA whose B is no longer 0: the adapted model differs from the base."""
+    from alignprop.platform.config import LoraSection
+    from alignprop.platform.models import add_lora
+
+    params = add_lora(model, LoraSection(rank=4, alpha=4))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, scale)
+    return params
+
+
+@pytest.mark.parametrize("family, eta", [("sd", 0.0), ("sd", 1.0), ("sd3", 0.0)])
+@pytest.mark.parametrize("moved", [False, True])
+def test_kl_terms_vanish_with_their_gradient_at_the_base_and_not_after(family, eta, moved):
+    """optim.kl_coef's term: 0 and a zero gradient at the base model (B = 0); positive with a gradient once
+    the LoRA moved. eta 0 and sd3's Euler: the squared prediction difference; eta 1: the Gaussian KL."""
+    from alignprop.platform.config import LoraSection
+    from alignprop.platform.models import add_lora, build_tiny
+    from alignprop.trainers.families import denoiser_of
+    from alignprop.trainers.sampling import SamplerSettings, encode_prompts, negative_prompt, sample
+
+    pipe = build_tiny(family)
+    model = denoiser_of(pipe)
+    params = perturbed_lora(model) if moved else add_lora(model, LoraSection(rank=4, alpha=4))
+    cond, negative = encode_prompts(pipe, ["a cat", "a dog"], torch.device("cpu")), negative_prompt(pipe, 2, "cpu")
+    kl_terms = []
+    sample(pipe, model, cond, negative, torch.Generator().manual_seed(0), SamplerSettings(4, 5.0, eta, 32), k=2,
+           kl_terms=kl_terms)
+    assert len(kl_terms) == 2 and all(term.shape == (2,) for term in kl_terms)
+    total = torch.stack(kl_terms).mean()
+    total.backward()
+    largest = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+    if moved:
+        assert float(total.detach()) > 0 and largest > 0
+    else:
+        assert float(total.detach()) == 0.0 and largest == 0.0
+
+
+def test_lora_scale_zero_is_the_base_model_bitwise_and_scales_restore():
+    from alignprop.platform.models import build_tiny, lora_delta_norm, lora_scaled
+    from alignprop.trainers.sampling import SamplerSettings, encode_prompts, negative_prompt, sample
+
+    pipe = build_tiny("sd")
+    cond, negative = encode_prompts(pipe, ["a cat"], torch.device("cpu")), negative_prompt(pipe, 1, "cpu")
+    settings = SamplerSettings(4, 5.0, 1.0, 32)
+
+    def images():
+        with torch.no_grad():
+            return sample(pipe, pipe.unet, cond, negative, torch.Generator().manual_seed(0), settings).images
+
+    base = images()
+    perturbed_lora(pipe.unet)
+    tuned, norm = images(), lora_delta_norm(pipe.unet)
+    assert not torch.equal(tuned, base)
+    with lora_scaled(pipe.unet, 0.0):
+        assert torch.equal(images(), base) and lora_delta_norm(pipe.unet) == 0.0
+    with lora_scaled(pipe.unet, 0.5):
+        assert lora_delta_norm(pipe.unet) == pytest.approx(norm / 2, rel=1e-6)
+    assert torch.equal(images(), tuned)
+
+
+def test_each_evaluation_scores_every_lora_scale_and_the_kl_to_base(deepspeed_world, tmp_path):
+    """eval_lora0/… is the base model's evaluation exactly; eval/kl_to_base is 0 at the base and > 0 after."""
+    from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
+
+    overrides = ["trainer.eval_prompts=[a cat, a dog]", "trainer.eval_seeds=1", "sampling.num_steps=4",
+                 "truncation.k=2", "deepspeed.zero_stage=1"]
+    base = AlignPropRecipe(load_config("tiny-cpu", overrides), WorkerContext(progress=False)).setup().evaluate(0)
+    assert base["eval/kl_to_base"] == 0.0 and base["eval/lora_delta_norm"] == 0.0
+    recipe = AlignPropRecipe(load_config("tiny-cpu", [*overrides, "trainer.eval_lora_scales=[0, 0.5, 1.0]"]),
+                             WorkerContext(progress=False)).setup()
+    with torch.no_grad():
+        for name, p in recipe.lora_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    moved = recipe.evaluate(0)
+    assert moved["eval_lora0/reward_total"] == base["eval/reward_total"]  # scale 0: the base pipeline's images
+    assert moved["eval/reward_total"] != base["eval/reward_total"] and moved["eval/kl_to_base"] > 0
+    assert moved["eval_lora0.5/lora_delta_norm"] == pytest.approx(moved["eval/lora_delta_norm"] / 2, rel=1e-5)
+    assert "eval_lora1/reward_total" not in moved
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # every name is one MLflow accepts
+    run_id = client.create_run(client.create_experiment("names")).info.run_id
+    client.log_batch(run_id, metrics=[Metric(key, value, 0, 0) for key, value in moved.items()])
+    with pytest.raises(ConfigError, match=r"^trainer.eval_lora_scales: got \[0.5, 0.5\]; accepted: distinct"):
+        load_config("tiny-cpu", ["trainer.eval_lora_scales=[0.5, 0.5]"])
+    with pytest.raises(ConfigError, match=r"^optim.kl_coef: got 0.1 with trainer.algorithm=grpo"):
+        load_config("tiny-cpu", ["trainer.algorithm=grpo", "sampling.eta=1.0", "optim.kl_coef=0.1"])
+
+
+@pytest.mark.parametrize("algorithm", ["alignprop", "refl", "draft_lv", "ddpo"])
+def test_kl_coef_trains_every_algorithm_and_logs_kl(deepspeed_world, algorithm):
+    from alignprop.trainers.alignprop import AlignPropRecipe, WorkerContext
+
+    cfg = load_config("tiny-cpu", [f"trainer.algorithm={algorithm}", "optim.kl_coef=0.5", "sampling.eta=1.0",
+                                   "sampling.num_steps=4", "truncation.k=2", "trainer.eval_every=0",
+                                   "deepspeed.zero_stage=1", "optim.lr=1e-2"])
+    recipe = AlignPropRecipe(cfg, WorkerContext(progress=False)).setup()
+    first, second = recipe.train_step(0), recipe.train_step(1)
+    assert first["kl"] == 0.0 and second["kl"] > 0, (first, second)  # the LoRA starts at the base model
+
+
+def test_alignprop_sample_at_lora_scale_zero_writes_the_base_images(tmp_path):
+    from PIL import Image
+
+    from alignprop.platform.models import build_tiny, save_lora
+    from alignprop.platform.sample import write_samples
+
+    pipe = build_tiny("sd")
+    perturbed_lora(pipe.unet, scale=0.3)
+    save_lora(pipe.unet, tmp_path / "lora")
+    cfg = load_config("tiny-cpu", ["sampling.num_steps=3", "truncation.k=3"])
+    for scale, same in ((0.0, True), (1.0, False)):
+        base, lora = write_samples(cfg, ["a cat"], str(tmp_path / f"out{scale}"), str(tmp_path / "lora"),
+                                   lora_scale=scale)
+        assert (list(Image.open(base).getdata()) == list(Image.open(lora).getdata())) is same, scale
+
+
+def test_overoptimisation_plot_is_logged_for_a_gold_metric_and_not_without_one(tmp_path):
+    from mlflow import MlflowClient
+
+    from alignprop.platform.tracking.overoptimisation import PLOT_NAME, log_overoptimisation_plot, panels
+
+    assert panels(load_config("tiny-cpu")) is None  # selects on the trained reward: nothing to set beside it
+    cfg = load_config("toy-count", ["trainer.eval_lora_scales=[0.5, 1.0]"])
+    proxy_gold = panels(cfg)["proxy (trained) and gold (selects lora/best)"]
+    assert proxy_gold == ["eval/toy_count", "eval/toy_count_judge", "eval_lora0.5/toy_count_judge"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("plot")).info.run_id
+    for step, (proxy, gold) in enumerate([(-1.6, -1.5), (-1.0, -1.0), (-0.5, -1.2)]):
+        for key, value in (("eval/toy_count", proxy), ("eval/toy_count_judge", gold), ("eval/kl_to_base", step)):
+            client.log_metric(run_id, key, value, step=step * 10)
+    assert log_overoptimisation_plot(uri, run_id, cfg) == PLOT_NAME
+    assert PLOT_NAME in {f.path for f in client.list_artifacts(run_id)}

@@ -31,7 +31,7 @@ import torch
 from ..platform.config import RunConfig, read_prompt_file, refl_bounds
 from ..platform.console import progress_bar
 from ..platform.errors import NonFiniteError
-from ..platform.models import add_lora, load_pipeline, lora_delta_norm, save_lora
+from ..platform.models import add_lora, load_pipeline, lora_delta_norm, lora_scaled, save_lora
 from ..platform.tracking import Tracker
 from ..rewards import build_rewards
 from ..rewards.toy import proxy_errors
@@ -45,8 +45,8 @@ from .engine import broadcast_flag, build_engine, gather_rows, peak_memory_mb, r
 from .engine import single_process_world  # noqa: F401 (re-export: bench, gpu-check and tests build worlds with it)
 from .families import denoiser_of
 from .perf import apply_perf, autocast, compiled_prefix, compute_dtype
-from .sampling import (CheckpointPlan, SamplerSettings, draft_lv_images, draw_grad_steps, encode_prompts,
-                       negative_prompt, sample)
+from .sampling import (CheckpointPlan, SamplerSettings, base_step_kl, draft_lv_images, draw_grad_steps,
+                       encode_prompts, guidance_text, negative_prompt, sample)
 from .state import STATE_FILE, TrainerState
 
 
@@ -187,16 +187,21 @@ class AlignPropRecipe:
         """AlignProp, ReFL or DRaFT-LV: grad_accum micro-batches, loss = −mean reward, backward."""
         cfg, start = self.cfg, time.perf_counter()
         self.engine.train()
-        rows, ks, evals = [], [], []
+        rows, ks, evals, kls = [], [], [], []
         for micro in range(cfg.optim.grad_accum):
             prompts = self.pick_prompts(step, micro)
+            kl_terms = [] if cfg.optim.kl_coef > 0 else None
             with self.autocast():
-                images, scored_prompts, k, per_image = self._train_images(prompts, step, micro)
+                images, scored_prompts, k, per_image = self._train_images(prompts, step, micro, kl_terms)
                 # before any running statistics exist, normalised rewards use statistics of all ranks
                 total, parts = self.rewards(images, scored_prompts, gather=self.gather)
             ks.append(k)
             evals.append(per_image)
             loss = -total.mean()
+            if kl_terms:  # β · the mean per-step KL to the base model (optim.kl_coef)
+                kl = torch.stack(kl_terms).mean()
+                loss = loss + cfg.optim.kl_coef * kl
+                kls.append(float(kl.detach()))
             if not loss.requires_grad:  # per_step may keep no step at all: a zero gradient, as DeepSpeed needs one
                 loss = loss + sum(p.sum() for _, p in self.lora_parameters()) * 0.0
             self.engine.backward(loss * cfg.optim.loss_scale)  # metrics report the unscaled loss
@@ -206,33 +211,37 @@ class AlignPropRecipe:
         metrics = self.finish_step(self.gather(torch.cat(rows)), time.perf_counter() - start, sampled,
                                    sum(evals) / len(evals))
         metrics["k"] = sum(ks) / len(ks)  # mean number of steps that kept a gradient
+        if kls:
+            metrics["kl"] = sum(kls) / len(kls)
         if min(ks) != max(ks):
             metrics["k_min"], metrics["k_max"] = float(min(ks)), float(max(ks))
         return metrics
 
-    def _train_images(self, prompts: list[str], step: int, micro: int):
+    def _train_images(self, prompts: list[str], step: int, micro: int, kl_terms: Optional[list] = None):
         """(differentiable images, their prompts, steps with a graph, denoiser evaluations per sampled
-        image incl. checkpoint recomputation) for the reward-gradient algorithms."""
+        image incl. checkpoint recomputation) for the reward-gradient algorithms; `kl_terms` gets each kept
+        step's KL to the base model (sampling.base_step_kl)."""
         cfg, s = self.cfg, self.cfg.sampling
         generator, per_call = self.generator(step, micro, self.ctx.rank), 2 if s.guidance_scale > 1 else 1
         algorithm = cfg.trainer.algorithm
         if algorithm == "refl":  # the stop step per (step, micro-batch), the same on every rank
             stop = random.Random(f"alignprop-refl/{cfg.trainer.seed}/{step}/{micro}").randint(*refl_bounds(cfg))
-            out = self.sample(prompts, generator, grad_steps=[stop], stop_at=stop)
-            return out.images, prompts, 1, (stop + 1 + out.recomputed) * per_call
+            out = self.sample(prompts, generator, grad_steps=[stop], stop_at=stop, kl_terms=kl_terms)
+            return out.images, prompts, 1, (stop + 1 + out.recomputed + len(kl_terms or ())) * per_call
         if algorithm == "draft_lv":
             copies, embeds = cfg.draft_lv.copies, encode_prompts(self.pipe, prompts, self.ctx.device)
             with torch.no_grad():
                 x0 = self.sample(prompts, generator, embeds=embeds).latents
             plan = self.checkpoint_plan()
             images = draft_lv_images(self.pipe, self.engine, embeds, self.negative.expand(len(prompts)), x0, copies,
-                                     generator, SamplerSettings.of(s), checkpoint_unet=plan)
-            return images, prompts * copies, 1, (s.num_steps + copies + plan.recomputed) * per_call
+                                     generator, SamplerSettings.of(s), checkpoint_unet=plan, kl_terms=kl_terms)
+            extra = len(kl_terms or ())
+            return images, prompts * copies, 1, (s.num_steps + copies + plan.recomputed + extra) * per_call
         # K (or per_step's cuts) per (step, micro-batch), not per rank: every rank runs the same
         # number of gradient steps, and a resumed run replays the same draws
         grad_steps = draw_grad_steps(cfg.truncation, s.num_steps, cfg.trainer.seed, step, micro)
-        out = self.sample(prompts, generator, k=len(grad_steps), grad_steps=grad_steps)
-        return out.images, prompts, len(grad_steps), (s.num_steps + out.recomputed) * per_call
+        out = self.sample(prompts, generator, k=len(grad_steps), grad_steps=grad_steps, kl_terms=kl_terms)
+        return out.images, prompts, len(grad_steps), (s.num_steps + out.recomputed + len(kl_terms or ())) * per_call
 
     def finish_step(self, values: torch.Tensor, seconds: float, sampled: int,
                     evals_per_image: float) -> dict[str, float]:
@@ -268,10 +277,15 @@ class AlignPropRecipe:
     def evaluate(self, step: int) -> dict[str, float]:
         """Rank 0: fixed-seed samples of the held-out prompts (and of the validation prompts, as val/...),
         by the evaluation sampler (`eval_settings`), scored by train and eval rewards; logs the image grid
-        and the best adapter. With EMA, the EMA weights are scored too."""
+        and the best adapter. Each of `trainer.eval_lora_scales` other than 1 is scored as eval_lora<scale>/...
+        With EMA, the EMA weights are scored too."""
         metrics = self._evaluate_weights(step, "eval")
         if self.val_prompts:
             metrics.update(self._evaluate_weights(step, "val", self.val_prompts))
+        for scale in self.cfg.trainer.eval_lora_scales:
+            if scale != 1.0:
+                with lora_scaled(self.denoiser, scale):
+                    metrics.update(self._evaluate_weights(step, f"eval_lora{scale:g}"))
         if metrics[self.cfg.trainer.best_metric] > self.state.best_eval:
             self.state.best_eval = metrics[self.cfg.trainer.best_metric]
             self.tracker.log_lora(lambda d: save_lora(self.denoiser, d), "lora/best")
@@ -284,25 +298,37 @@ class AlignPropRecipe:
         self.engine.eval()
         seeds = self.cfg.trainer.eval_seeds
         prompts = [p for p in prompt_set or self.eval_prompts for _ in range(seeds)]  # each prompt's samples together
+        settings, trajectory = eval_settings(self.cfg), ([] if prefix == "eval" else None)
         with self.autocast():
-            out = self.sample(prompts, torch.Generator().manual_seed(self.cfg.trainer.eval_seed),
-                              settings=eval_settings(self.cfg))
+            cond = encode_prompts(self.pipe, prompts, self.ctx.device)
+            out = self.sample(prompts, torch.Generator().manual_seed(self.cfg.trainer.eval_seed), embeds=cond,
+                              settings=settings, trajectory=trajectory)
             total, parts = self.rewards(out.images, prompts)
             held_out = self.eval_rewards(out.images, prompts)[1] if self.eval_rewards is not None else {}
+            kl = self._kl_to_base(trajectory, cond, settings) if trajectory else {}
         metrics = {f"{prefix}/reward_total": float(total.mean())}
         metrics.update({f"{prefix}/{label}": float(v.mean()) for label, v in {**parts, **held_out}.items()})
         if len(prompts) > 1:  # the held-out rewards' standard errors over the samples: a difference's noise
             metrics.update({f"{prefix}/{label}_se": float(v.float().std() / len(v) ** 0.5)
                             for label, v in held_out.items()})
         images = out.images.float()
-        drift = {"lora_delta_norm": lora_delta_norm(self.denoiser), **proxy_errors(self.rewards, self.eval_rewards,
-                                                                                    images)}
+        drift = {"lora_delta_norm": lora_delta_norm(self.denoiser), **kl,
+                 **proxy_errors(self.rewards, self.eval_rewards, images)}
         if seeds > 1:
             drift["diversity"] = diversity(images.view(-1, seeds, *images.shape[1:]))
         metrics.update({f"{prefix}/{name}": value for name, value in drift.items()})
         if prefix != "val":  # the validation split chooses hyperparameters: its numbers suffice
             self.tracker.log_image(out.images, f"{prefix}/samples", step, captions=prompts)
         return metrics
+
+    def _kl_to_base(self, trajectory: list, cond, settings: SamplerSettings) -> dict[str, float]:
+        """eval/kl_to_base: the mean over the evaluation trajectory's steps and samples of each step's KL to
+        the base model's step from the same x_t (`sampling.base_step_kl`: the Gaussian KL where the evaluation
+        sampler is stochastic, the squared prediction difference where it is not); 0 at the base model."""
+        text = guidance_text(self.engine, cond, self.negative.expand(cond.batch), settings.guidance_scale)
+        steps = [base_step_kl(self.pipe, self.engine, x, t, text, pred, settings).mean()
+                 for t, x, pred, _ in trajectory]
+        return {"kl_to_base": float(torch.stack(steps).mean())}
 
     def _should_stop(self, metrics: dict[str, float]) -> bool:
         """Early stopping on a held-out metric; rank 0 decides, every rank learns the verdict."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .families import Conditioning, family_of
-from .sampling import SamplerSettings, encode_prompts, guidance_text, guided_prediction
+from .sampling import SamplerSettings, base_step_kl, encode_prompts, guidance_text, guided_prediction
 
 
 def trained_timesteps(cfg) -> int:
@@ -146,8 +146,9 @@ def train_step(recipe, step: int) -> dict[str, float]:
     guidance = s.guidance_scale if d.train_cfg else 1.0
     order = random.Random(f"alignprop-ddpo/{cfg.trainer.seed}/{step}/{ctx.rank}")
     per_update = (cfg.optim.grad_accum // d.updates_per_epoch) * n_train  # backward calls per optimizer step
+    policy = SamplerSettings(s.num_steps, guidance, eta, s.resolution)  # the trained step, for optim.kl_coef
     recipe.engine.train()
-    kl, clipfrac, losses, first_update = [], [], [], [0.0]
+    kl, clipfrac, losses, first_update, to_base = [], [], [], [0.0], []
     for _ in range(d.inner_epochs):
         samples = order.sample(range(n_samples), n_samples)  # shuffled samples, then per-sample step orders
         step_orders = torch.tensor([order.sample(range(n_steps), n_steps) for _ in range(n_samples)])
@@ -165,6 +166,10 @@ def train_step(recipe, step: int) -> dict[str, float]:
                 old = batch["log_probs"][idx, which]
                 ratio = torch.exp(log_prob - old)
                 loss = ppo_loss(advantages[idx], ratio, d.clip_range)
+                if cfg.optim.kl_coef > 0:  # β · KL of the trained steps to the base model's
+                    step_kl = base_step_kl(recipe.pipe, recipe.engine, x, t, text, pred, policy).mean()
+                    loss = loss + cfg.optim.kl_coef * step_kl
+                    to_base.append(float(step_kl.detach()))
                 recipe.engine.backward(loss)
                 recipe.engine.step()  # DeepSpeed updates every grad_accum / updates_per_epoch × n_train calls
                 with torch.no_grad():
@@ -176,8 +181,10 @@ def train_step(recipe, step: int) -> dict[str, float]:
     values = recipe.gather(batch["rows"])
     cfg_mult, train_mult = (2 if s.guidance_scale > 1 else 1), (2 if guidance > 1 else 1)
     metrics = recipe.finish_step(values, time.perf_counter() - start, n_samples * ctx.world_size,
-                                 n_steps * cfg_mult + d.inner_epochs * n_train * train_mult)
+                                 n_steps * cfg_mult + d.inner_epochs * n_train * train_mult * (2 if to_base else 1))
     metrics.update({"loss": float(np.mean(losses)), "k": float(n_train), "approx_kl": float(np.mean(kl)),
                     "clipfrac": float(np.mean(clipfrac)), "advantage_abs_mean": float(advantages.abs().mean()),
                     "ratio_dev_first": max(first_update)})
+    if to_base:
+        metrics["kl"] = float(np.mean(to_base))
     return metrics

@@ -112,6 +112,19 @@ def sde_mean_std(scheduler, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor
     return mean, std_dev_t * torch.sqrt(-1 * dt), std_dev_t
 
 
+def transition_kl(family, scheduler, pred: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                  eta: float) -> torch.Tensor:
+    """Per sample (B,): how far the tuned step (prediction `pred`) is from the base step (`ref`) at x_t.
+    A stochastic step (eta > 0): the KL of the two Gaussian transitions, mean over pixels of
+    (μ − μ_ref)² / (2σ²) (one σ: the schedule's); a deterministic one (DDIM at eta 0, sd3's Euler): the
+    mean squared difference of the two predictions. 0 exactly when the predictions are equal."""
+    if eta == 0:
+        return ((pred - ref) ** 2).mean(dim=tuple(range(1, pred.ndim)))
+    mean, std, _ = family.policy_mean_std(scheduler, pred, t, x, eta)
+    mean_ref, _, _ = family.policy_mean_std(scheduler, ref, t, x, eta)
+    return ((mean - mean_ref) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim)))
+
+
 class NaNFreeDDIMScheduler(DDIMScheduler):
     """DDIMScheduler whose stochastic step (η > 0) is `ddim_mean_std` plus σ·noise: the same numbers
     (bitwise, tested), without diffusers' NaN at ᾱ_t = 0. The training sampler and the pipelines of

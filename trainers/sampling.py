@@ -54,7 +54,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..platform.config import CHECKPOINT_MODES, TruncationSection
-from .families import Conditioning, denoiser_of, family_of, with_guidance
+from ..platform.models.lora import adapters_disabled
+from .families import Conditioning, denoiser_of, family_of, transition_kl, with_guidance
 
 CONTIGUOUS = ("fixed", "uniform", "gaussian")
 # auto: activation bytes of one denoiser call, per denoiser and (input shape, dtype, autocast)
@@ -167,6 +168,7 @@ def sample(
     trajectory: Optional[list] = None,
     prefix_denoiser: Optional[Callable] = None,
     phases: Optional["PhaseTimer"] = None,
+    kl_terms: Optional[list] = None,
 ) -> SampleOutput:
     """The family's sampler (DDIM for sd/sdxl, flow-matching Euler for sd3) with classifier-free
     guidance; gradients flow through the last `k` steps only, or, given `grad_steps` (e.g.
@@ -183,7 +185,9 @@ def sample(
     prediction, x_next)` tuple per step, detached. `checkpoint_unet`: all/True, none/False, auto, or a
     `CheckpointPlan` (whose counters the caller reads). `prefix_denoiser`: the denoiser for the calls
     that keep no graph (e.g. a `torch.compile`d copy; same weights). `phases`: a `PhaseTimer` that
-    gets `prefix` (the no-graph steps before the first kept one), `window` and `decode`.
+    gets `prefix` (the no-graph steps before the first kept one), `window` and `decode`. `kl_terms`
+    (`optim.kl_coef`): a list that gets, for every step that keeps a graph, the per-sample
+    `transition_kl` of the step to the base model's (one more denoiser call, adapter off, no graph).
     """
     num_steps, guidance_scale, eta, resolution = (settings.num_steps, settings.guidance_scale, settings.eta,
                                                   settings.resolution)
@@ -209,6 +213,8 @@ def sample(
             noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution,
                                       plan if with_graph else None)
         with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
+            if kl_terms is not None and with_graph:
+                kl_terms.append(base_step_kl(pipe, model, latents, t, text, noise, settings))
             if i == stop_at:
                 latents = family.predict_x0(scheduler, noise, t, latents)
                 break
@@ -224,6 +230,16 @@ def sample(
         phases.mark("decode")
     return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [],
                         kept=plan.kept, recomputed=plan.recomputed, kept_bytes=plan.kept_bytes)
+
+
+def base_step_kl(pipe, denoiser, latents: torch.Tensor, t: torch.Tensor, text: Conditioning, pred: torch.Tensor,
+                 settings: "SamplerSettings") -> torch.Tensor:
+    """`transition_kl` of the step with prediction `pred` (with its graph) to the base model's step from the
+    same x_t: the base's prediction under no_grad with the LoRA adapter off."""
+    with torch.no_grad(), adapters_disabled(denoiser_of(pipe)):
+        ref = guided_prediction(pipe, denoiser, latents.detach(), t, text, settings.guidance_scale, settings.resolution,
+                                None)
+    return transition_kl(family_of(pipe), pipe.scheduler, pred, ref, t, latents, settings.eta)
 
 
 def guidance_text(denoiser, prompt_embeds: Conditioning, negative_embeds: Conditioning,
@@ -256,7 +272,8 @@ def guided_prediction(pipe, denoiser, latents: torch.Tensor, t: torch.Tensor, te
 
 def draft_lv_images(pipe, denoiser, prompt_embeds: Conditioning, negative_embeds: Conditioning, x0: torch.Tensor,
                     copies: int, generator: torch.Generator, settings: SamplerSettings, *,
-                    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = "all") -> torch.Tensor:
+                    checkpoint_unet: Union[bool, str, "CheckpointPlan"] = "all",
+                    kl_terms: Optional[list] = None) -> torch.Tensor:
     """DRaFT-LV: `copies` times, re-noise the sampled x0 (no gradient into it) to the last step's noise
     level and take that last step again with a graph; returns the copies' images (copies·B×3×H×W)."""
     guidance_scale, eta, resolution = settings.guidance_scale, settings.eta, settings.resolution
@@ -268,6 +285,8 @@ def draft_lv_images(pipe, denoiser, prompt_embeds: Conditioning, negative_embeds
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x1 = family.renoise(scheduler, x0.detach(), noise, t)
         pred = guided_prediction(pipe, denoiser, x1, t, text, guidance_scale, resolution, plan)
+        if kl_terms is not None:
+            kl_terms.append(base_step_kl(pipe, denoiser, x1, t, text, pred, settings))
         variance_noise = torch.randn(x0.shape, generator=generator).to(x0.device) if eta > 0 else None
         latents = family.last_step(scheduler, pred, t, x1, eta, variance_noise)
         images.append(decode(pipe.vae, latents, settings.checkpoint_vae))

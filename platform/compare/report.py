@@ -165,6 +165,7 @@ def plot(curves, protocol: Protocol, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     kinds = [k for k in ("gold", "proxy") if any(k in c for c in curves.values())]
     fig, axes = plt.subplots(len(kinds), 2, figsize=(10.4, 3.6 * len(kinds)), squeeze=False)
@@ -179,7 +180,10 @@ def plot(curves, protocol: Protocol, path: Path) -> None:
                 band = 2 * curve.standard_error()
                 ax.plot(x, mean, marker="o", markersize=3, label=f"{name} (n={curve.seeds})")
                 ax.fill_between(x, mean - band, mean + band, alpha=0.2)
-            ax.set_xscale("symlog", linthresh=100)
+            budgets = [arm[kind][axis].budget() for arm in curves.values() if kind in arm]
+            if budgets and max(budgets) > 10 * min(budgets) > 0:  # 480 beside 6,400 images: a log axis past 0
+                ax.set_xscale("symlog", linthresh=min(budgets) / 10)
+                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_xlabel(title)
             ax.set_ylabel(f"test {getattr(protocol, kind)} ({kind})")
             ax.grid(alpha=0.3)

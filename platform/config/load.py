@@ -103,6 +103,8 @@ _LIST_FIELDS = {
     "optim.betas": "a list of two numbers such as [0.9, 0.999]",
     "trainer.prompts": "a list of prompts such as [a cat, a dog]",
     "trainer.eval_prompts": "a list of prompts such as [a cat, a dog]",
+    "trainer.val_prompts": "a list of prompts such as [a cat, a dog]",
+    "trainer.eval_lora_scales": "a list of numbers such as [0.5, 1.0]",
 }
 
 
@@ -149,6 +151,7 @@ _ADDED_DEFAULTS = {"model.arch": None, "sampling.activation_budget_mb": None, "p
                    "trainer.eval_seeds": 2, "trainer.best_metric": "eval/reward_total",
                    "trainer.eval_eta": None, "trainer.eval_num_steps": None, "trainer.val_prompts": [],
                    "trainer.val_prompt_file": None, "trainer.images_per_prompt": 1, "ddpo.updates_per_epoch": 1,
+                   "optim.kl_coef": 0.0, "trainer.eval_lora_scales": [1.0],
                    **{f"grpo.{f.name}": f.default for f in fields(GRPOSection)}}
 
 

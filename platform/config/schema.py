@@ -92,6 +92,11 @@ class OptimSection:
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
     loss_scale: float = 1.0  # backward() on loss × loss_scale (official v1: 0.01 with max_grad_norm 5)
+    # β of a KL regulariser (DPOK / Flow-GRPO style) for alignprop, refl, draft_lv and ddpo: loss += β · the
+    # per-step KL of the tuned transitions to the base model's on the sampled trajectory (one adapter-off
+    # denoiser call per step that keeps a gradient; at eta 0 the squared prediction difference). Logged as `kl`.
+    # grpo has its own, grpo.kl_coef.
+    kl_coef: float = 0.0
 
 
 @dataclass
@@ -109,6 +114,10 @@ class TrainerSection:
     # with their own sampler (DDPO, GRPO at eta 1; AlignProp at eta 0) are judged by one common sampler
     eval_eta: Optional[float] = None
     eval_num_steps: Optional[int] = None
+    # LoRA scales every evaluation scores (DRaFT's remedy for over-optimisation): 1.0 as `eval/...`, another s as
+    # `eval_lora<s>/...` (MLflow allows no '@'; e.g. [0.5, 1.0]); `alignprop sample --lora-scale` and the MLflow
+    # Model's `lora_scale` param
+    eval_lora_scales: list[float] = field(default_factory=lambda: [1.0])
     # a validation split, scored like the held-out set at every evaluation as `val/...` (choose hyperparameters
     # on it, report `eval/...`): a list, or a file like prompt_file (toy_val.txt: 64 toy captions)
     val_prompts: list[str] = field(default_factory=list)
@@ -120,7 +129,8 @@ class TrainerSection:
     eval_every: int = 10  # 0 disables evaluation
     ckpt_every: int = 10
     keep_checkpoints: int = 2
-    early_stop_metric: Optional[str] = None  # e.g. eval/colorfulness: stop when it stops improving
+    # e.g. eval/colorfulness, or best (= trainer.best_metric): stop when it stops improving; null: never
+    early_stop_metric: Optional[str] = None
     early_stop_patience: int = 3  # evaluations without a new best before stopping
     ema_decay: float = 0.0  # EMA of the LoRA weights (0 disables); evaluated and saved beside them
     fail_at_step: Optional[int] = None  # fault injection for tests: raise at this step unless resumed

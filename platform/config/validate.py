@@ -26,7 +26,7 @@ BOUNDS = {
     "ddpo.inner_epochs": (1, 100), "ddpo.clip_range": (0, 100.0), "ddpo.adv_clip_max": (0, 1e3),
     "grpo.inner_epochs": (1, 100), "grpo.clip_range": (0, 100.0), "grpo.adv_clip_max": (0, 1e3),
     "grpo.kl_coef": (0, 1e6), "grpo.group_size": (1, 4096), "ddpo.updates_per_epoch": (1, 1024),
-    "grpo.updates_per_epoch": (1, 1024), "trainer.images_per_prompt": (1, 4096),
+    "grpo.updates_per_epoch": (1, 1024), "trainer.images_per_prompt": (1, 4096), "optim.kl_coef": (0, 1e6),
     "draft_lv.copies": (1, 64),
 }
 MAX_REWARD_WEIGHT = 1e9
@@ -105,6 +105,13 @@ def validate(cfg: RunConfig) -> None:
     splits = ("eval", "val") if tr.val_prompts or tr.val_prompt_file else ("eval",)
     evaluated = [f"{split}/{name}" for split in splits
                  for name in ["reward_total", *(s.get('label', s.get('name')) for s in specs)]]
+    scales = list(tr.eval_lora_scales)
+    _check(bool(scales) and all(isinstance(v, (int, float)) and 0 <= v <= 4 for v in scales)
+           and len(set(scales)) == len(scales), "trainer.eval_lora_scales",
+           f"got {scales}; accepted: distinct numbers in [0, 4], e.g. [0.5, 1.0] (1.0 is eval/..., s is "
+           "eval_lora<s>/...)")
+    _check(o.kl_coef >= 0 and (o.kl_coef == 0 or tr.algorithm != "grpo"), "optim.kl_coef",
+           f"got {o.kl_coef} with trainer.algorithm={tr.algorithm}; accepted: >= 0 (grpo: 0, its KL is grpo.kl_coef)")
     _check(tr.eval_eta is None or 0 <= tr.eval_eta <= 1, "trainer.eval_eta",
            f"got {tr.eval_eta}; accepted: 0 <= eta <= 1, or null for sampling.eta")
     _check(tr.eval_num_steps is None or 1 <= tr.eval_num_steps <= 1000, "trainer.eval_num_steps",
@@ -113,9 +120,12 @@ def validate(cfg: RunConfig) -> None:
            "set at most one of trainer.val_prompts (a list) or trainer.val_prompt_file")
     _check(all(isinstance(p, str) and p.strip() for p in tr.val_prompts), "trainer.val_prompts",
            "contains an empty prompt; accepted: non-empty strings")
+    if tr.early_stop_metric == "best":
+        tr.early_stop_metric = tr.best_metric
     if tr.early_stop_metric is not None:
         _check(tr.early_stop_metric in evaluated and tr.eval_every > 0, "trainer.early_stop_metric",
-               f"got {tr.early_stop_metric!r}; accepted (with trainer.eval_every > 0): {', '.join(evaluated)}")
+               f"got {tr.early_stop_metric!r}; accepted (with trainer.eval_every > 0): best (trainer.best_metric), "
+               f"{', '.join(evaluated)}")
     _check(tr.best_metric in evaluated, "trainer.best_metric",
            f"got {tr.best_metric!r}; accepted: {', '.join(evaluated)} (the higher the better)")
     _check(bool(tr.prompts) != bool(tr.prompt_file), "trainer.prompts",

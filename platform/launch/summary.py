@@ -19,7 +19,7 @@ def held_out_changes(client, run_id: str) -> list[tuple[str, float, float, int, 
     """(name, first, last, first step, last step) of every `eval/` metric of the run."""
     run = client.get_run(run_id)
     rows = []
-    for key in sorted(k for k in run.data.metrics if k.startswith("eval/")):
+    for key in sorted(k for k in run.data.metrics if k.startswith("eval/") and not k.endswith("_se")):
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
         if history:
             first, last = history[0], history[-1]
@@ -60,6 +60,20 @@ def task_line(cfg: Any) -> str:
     return line
 
 
+def proxy_gold_lines(client, run_id: str, cfg: Any, changes: dict[str, tuple]) -> list[str]:
+    """The trained reward (proxy) beside the metric lora/best is chosen on (gold), with the gold's peak:
+    over-optimisation reads off one line (the proxy still rising while the gold fell from its peak)."""
+    gold = cfg.trainer.best_metric.removeprefix("eval/")
+    proxies = [r.get("label", r["name"]) for r in cfg.rewards if r.get("label", r["name"]) in changes]
+    if gold in proxies or gold not in changes or not proxies:
+        return []
+    history = client.get_metric_history(run_id, cfg.trainer.best_metric)
+    peak = max(history, key=lambda m: (m.value, -m.step))
+    cell = lambda name: f"{name} {changes[name][1]:.4f} → {changes[name][2]:.4f}"  # noqa: E731
+    return [f"  proxy vs gold: {'; '.join(cell(p) for p in proxies)} (trained) | {cell(gold)} (gold; its best "
+            f"{peak.value:.4f} at step {peak.step}: lora/best)"]
+
+
 def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: Optional[str] = None,
                     cfg: Any = None) -> list[str]:
     from mlflow import MlflowClient
@@ -76,6 +90,8 @@ def closing_summary(outcome: Any, model_uri: Optional[str] = None, registered: O
         first, last = changes[0][3], changes[0][4]
         cells = [f"{name} {a:.4f} → {b:.4f} ({b - a:+.4f})" for name, a, b, _, _ in changes]
         lines.append(f"  held-out rewards (eval/, step {first} → {last}): " + "; ".join(cells))
+    if cfg is not None and changes and cfg.trainer.best_metric.startswith("eval/"):
+        lines.extend(proxy_gold_lines(client, outcome.mlflow_run_id, cfg, {c[0]: c for c in changes}))
     grids = sorted((int(a.path.rsplit("_", 1)[1].removesuffix(".png")), a.path)
                    for a in client.list_artifacts(outcome.mlflow_run_id, "eval/samples") if a.path.endswith(".png"))
     if grids:

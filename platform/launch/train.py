@@ -22,6 +22,7 @@ from ..config import RunConfig, run_name, run_params, to_yaml
 from ..models import TOY_WORLD_MODEL
 from ..mlflow_model import check_model_name, log_run_model, register_model
 from ..tracking import RUN_NAME_TAG, prompt_sets, quote_filter_value
+from ..tracking.overoptimisation import log_overoptimisation_plot
 from ..toy_world import vocabulary_warning
 from .session import driver_session, preflight, resolve_storage_path, resolved_tracking_uri
 from .trainer import build_trainer, fit_interruptibly
@@ -64,6 +65,7 @@ def launch(cfg: RunConfig, register: Optional[str] = None) -> TrainOutcome:
         print(f"[alignprop] run {name}  mlflow {uri} run_id={run_id}", file=sys.stderr)
         result = fit_interruptibly(build_trainer(cfg, uri, run_id))
         model_uri = log_run_model(uri, run_id)
+        log_overoptimisation_plot(uri, run_id, cfg)
         registered = register_model(uri, register, run_id) if register else None
     return TrainOutcome(
         run_name=name, mlflow_run_id=run_id, tracking_uri=uri,

@@ -13,7 +13,8 @@ transformer of sd3; trainers/families.py).
     alignprop tiny-model /tmp/tiny-sd [--family sdxl|sd3]
 """
 
-from .lora import LORA_WEIGHTS_NAME, adapters_disabled, add_lora, lora_delta_norm, lora_state_dict, save_lora
+from .lora import (LORA_WEIGHTS_NAME, adapters_disabled, add_lora, lora_delta_norm, lora_scaled, lora_state_dict,
+                   save_lora, set_pipeline_lora_scale)
 from .pipelines import (DTYPES, TOY_WORLD_MODEL, denoiser_module_names, load_pipeline, lora_parameter_count, model_path,
                         pretrained_family, resolve_family)
 from .tiny import TINY_SEED, build_tiny, build_tiny_pipeline, build_tiny_tokenizer, cast_modules, save_tiny_pipeline
@@ -21,5 +22,5 @@ from .tiny import TINY_SEED, build_tiny, build_tiny_pipeline, build_tiny_tokeniz
 __all__ = ["DTYPES", "LORA_WEIGHTS_NAME", "TINY_SEED", "TOY_WORLD_MODEL", "adapters_disabled", "add_lora", "build_tiny",
            "build_tiny_pipeline",
            "build_tiny_tokenizer", "cast_modules", "denoiser_module_names", "load_pipeline", "lora_parameter_count",
-           "lora_delta_norm", "lora_state_dict",
+           "lora_delta_norm", "lora_scaled", "lora_state_dict", "set_pipeline_lora_scale",
            "model_path", "pretrained_family", "resolve_family", "save_lora", "save_tiny_pipeline"]

@@ -76,6 +76,26 @@ def lora_delta_norm(unet: torch.nn.Module) -> float:
 
 
 @contextmanager
+def lora_scaled(denoiser: torch.nn.Module, scale: float):
+    """The adapter at `scale` × its trained strength inside the block (every LoRA layer's scaling, as
+    diffusers' `set_adapters(..., weights=scale)`), then as it was. Scale 0 is the base model exactly."""
+    layers = [(m, dict(m.scaling)) for m in denoiser.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    for module, original in layers:
+        module.scaling.update({name: value * scale for name, value in original.items()})
+    try:
+        yield denoiser
+    finally:
+        for module, original in layers:
+            module.scaling.update(original)
+
+
+def set_pipeline_lora_scale(pipe, scale: float) -> None:
+    """A pipeline with a loaded LoRA (`load_lora_weights`) samples with it at `scale` (diffusers' set_adapters)."""
+    names = pipe.get_active_adapters()
+    pipe.set_adapters(names, adapter_weights=[scale] * len(names))
+
+
+@contextmanager
 def adapters_disabled(denoiser: torch.nn.Module):
     """The base model inside the block: the LoRA adapter switched off (diffusers' `disable_adapters`),
     then on again, also after an error (GRPO's reference policy, the base-model evaluations)."""

@@ -290,6 +290,9 @@ class PlanRecorder(Callback):
 
 
 # ------------------------------------------------------------------------------------ summary
+PROXY_KEY = "eval/reward_total"  # the trained reward on the held-out prompts: beside a gold metric in the tables
+
+
 def summary_rows(trials: list[dict[str, Any]], children: dict[str, Any], tune_status: dict[str, str],
                  spec: SweepSpec, max_steps: int) -> list[dict[str, Any]]:
     """One row per planned trial from our records: the MLflow child (steps, metric) and, for trials
@@ -304,6 +307,7 @@ def summary_rows(trials: list[dict[str, Any]], children: dict[str, Any], tune_st
         finished = steps >= max_steps or metrics.get("early_stopped")
         status = "error" if failed else ("complete" if finished else "stopped")
         value = metrics.get(spec.metric, math.nan)
-        rows.append({"trial_id": trial["id"], "status": status, "steps": steps, spec.metric: value,
+        proxy = {PROXY_KEY: metrics.get(PROXY_KEY, math.nan)} if spec.metric != PROXY_KEY else {}
+        rows.append({"trial_id": trial["id"], "status": status, "steps": steps, spec.metric: value, **proxy,
                      **{key: trial["params"].get(key) for key in spec.space}})
     return rows

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import sample_efficiency
+from .resume import PROXY_KEY
 from .space import SweepSpec
 from ..mlflow_model import log_run_model, register_model, run_model
 
@@ -66,7 +67,9 @@ def summarize(rows: list[dict[str, Any]], spec: SweepSpec, uri: str, parent_id: 
 
     client = MlflowClient(uri)
     rows = _sorted(rows, spec)
-    columns = ["trial_id", "status", "steps", spec.metric, *spec.space]
+    # the sweep's metric (a gold one, trainer.best_metric) beside the trained reward's held-out value (the proxy)
+    columns = ["trial_id", "status", "steps", spec.metric, *([PROXY_KEY] if spec.metric != PROXY_KEY else []),
+               *spec.space]
     print(f"\n[tune] {len(rows)} trials, up to {concurrency} at a time, sorted by {spec.metric} ({spec.mode}):")
     _print_table(rows, columns)
     children = _child_runs(client, parent_id)

@@ -26,6 +26,7 @@ from ..launch import (build_trainer, check_local_resources, check_resume_safety,
                       resolve_storage_path, resolved_tracking_uri, run_interruptibly)
 from ..mlflow_model import check_model_name, log_run_model
 from ..tracking import prompt_sets, run_context_tags, tracked_run
+from ..tracking.overoptimisation import log_overoptimisation_plot
 from .resume import (PLAN_FILE, TRIAL_KEY, PlanRecorder, SeededASHA, ignored_tune_state, is_done, metric_history,
                      new_plan, plan_path, read_plan, summary_rows, sweep_children, trial_label, write_plan)
 from .space import SweepSpec, apply_params, extreme_rows, tune_domain
@@ -56,6 +57,7 @@ def run_trial(config: dict[str, Any], base: dict, sweep: dict, plan: dict[str, d
                       storage_path=sweep["trials_path"], progress=False).fit()  # TrialProgress prints it
         # runs:/<run_id>/model; for a trial the scheduler stops, the summary logs it
         log_run_model(sweep["tracking_uri"], run_id)
+        log_overoptimisation_plot(sweep["tracking_uri"], run_id, cfg)
 
 
 def _scheduler(spec: SweepSpec, max_steps: int, prior: Optional[dict] = None, resumed: Optional[dict] = None):
@@ -227,6 +229,7 @@ def _fit(cfg: RunConfig, spec: SweepSpec, num_samples: int, max_concurrent: Opti
         """One fresh Tune experiment in <sweep>/tune/<session>-<part>/: written by Tune, never read back.
         tune.run, not Tuner.fit: Tuner's ResultGrid unpickles an errored trial's error.pkl from storage."""
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine prints a box even at verbose=0
+        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "30")  # "… took 2.0 s, which may be a performance bottleneck"
         # in a thread that Ctrl-C interrupts at once, as for alignprop train (launch/trainer.py)
         analysis = run_interruptibly(lambda: tune.run(
             trainable, config=param_space, num_samples=count, metric=spec.metric, mode=spec.mode, scheduler=scheduler,
