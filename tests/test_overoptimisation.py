@@ -262,6 +262,9 @@ def test_overoptimisation_plot_is_logged_for_a_gold_metric_and_not_without_one(t
     cfg = load_config("toy-count", ["trainer.eval_lora_scales=[0.5, 1.0]"])
     proxy_gold = panels(cfg)["proxy (trained) and gold (selects lora/best)"]
     assert proxy_gold == ["eval/toy_count", "eval/toy_count_judge", "eval_lora0.5/toy_count_judge"]
+    asked = panels(cfg)["what else the prompt asks (eval_rewards)"]
+    assert {"eval/toy_color_match", "eval_lora0.5/toy_background_match"} <= set(asked)
+    assert "eval/toy_count_exact" not in asked  # the gold's 1/0 twin
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("plot")).info.run_id

@@ -4,6 +4,7 @@ error, the drift from the base model and the LoRA scales of `trainer.eval_lora_s
 reads off it: the proxy still rising while the gold peaked and fell, the proxy error growing.
 
     log_overoptimisation_plot(uri, run_id, cfg)      # the launcher calls it once the run is done
+    draw(uri, run_id, cfg, Path("overoptimisation.png"))   # the same figure into a file
 """
 
 from __future__ import annotations
@@ -27,17 +28,32 @@ def panels(cfg: Any) -> Optional[dict[str, list[str]]]:
     if not gold.startswith(("eval/", "val/")) or gold in proxies or gold.endswith("/reward_total"):
         return None
     name = gold.split("/", 1)[1]
-    scaled = [f"eval_lora{s:g}/{name}" for s in cfg.trainer.eval_lora_scales if s != 1.0]
-    return {"proxy (trained) and gold (selects lora/best)": [*proxies, gold, *scaled],
+    scales = [f"eval_lora{s:g}" for s in cfg.trainer.eval_lora_scales if s != 1.0]
+    others = [r.get("label", r["name"]) for r in cfg.eval_rewards if isinstance(r, dict)]
+    others = [o for o in others if f"eval/{o}" not in (gold, *proxies) and not o.endswith("_exact")]
+    return {"proxy (trained) and gold (selects lora/best)": [*proxies, gold, *(f"{s}/{name}" for s in scales)],
+            "what else the prompt asks (eval_rewards)": [*(f"eval/{o}" for o in others),
+                                                         *(f"{s}/{o}" for s in scales for o in others)],
             "proxy error and drift": ["eval/proxy_error", "eval/proxy_error_color", "eval/kl_to_base",
                                       "eval/lora_delta_norm", "eval/diversity"]}
 
 
 def log_overoptimisation_plot(uri: str, run_id: str, cfg: Any) -> Optional[str]:
     """Draw the run's panels and log them as `overoptimisation.png`; None when the config has no gold metric."""
-    layout = panels(cfg)
-    if layout is None:
+    if panels(cfg) is None:
         return None
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / PLOT_NAME
+        draw(uri, run_id, cfg, path)
+        MlflowClient(uri).log_artifact(run_id, str(path))
+    return PLOT_NAME
+
+
+def draw(uri: str, run_id: str, cfg: Any, path: Path) -> None:
+    """The run's panels (`panels(cfg)`, not None) into the PNG file `path`."""
+    layout = panels(cfg)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +62,7 @@ def log_overoptimisation_plot(uri: str, run_id: str, cfg: Any) -> Optional[str]:
 
     client = MlflowClient(uri)
     logged = set(client.get_run(run_id).data.metrics)
-    fig, axes = plt.subplots(1, len(layout), figsize=(6.0 * len(layout), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(layout), figsize=(5.4 * len(layout), 3.8), squeeze=False)
     for ax, (title, keys) in zip(axes[0], layout.items()):
         right, color = None, 0
         for key in (k for k in keys if k in logged):
@@ -69,9 +85,5 @@ def log_overoptimisation_plot(uri: str, run_id: str, cfg: Any) -> Optional[str]:
     fig.suptitle(f"run {client.get_run(run_id).info.run_name}: proxy vs gold (selects {cfg.trainer.best_metric})",
                  fontsize=10)
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / PLOT_NAME
-        fig.savefig(path, dpi=110)
-        client.log_artifact(run_id, str(path))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return PLOT_NAME
