@@ -26,13 +26,15 @@ def say(line: str) -> None:
     print(f"[compare] {line}", file=sys.stderr, flush=True)
 
 
-def run_points(client, run_id: str, metric: str) -> dict[str, np.ndarray]:
-    """A run's evaluations of `metric` with the cost axes at the same steps (0 at step 0)."""
-    values = {m.step: m.value for m in client.get_metric_history(run_id, metric)}
-    axes = {axis: {m.step: m.value for m in client.get_metric_history(run_id, axis)} for axis, _ in AXES}
-    steps = sorted(s for s in values if s == 0 or s in axes["images_seen"])
-    out = {"step": np.array(steps), "y": np.array([values[s] for s in steps])}
-    out.update({axis: np.array([axes[axis].get(s, 0.0) for s in steps]) for axis, _ in AXES})
+def run_points(client, run_id: str, metrics: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A run's evaluations of `metrics[0]` with the cost axes (0 at step 0) and the other metrics at the
+    same steps (NaN where one was not logged); every history is read once."""
+    histories = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+                 for key in (*metrics, *(axis for axis, _ in AXES))}
+    steps = sorted(s for s in histories[metrics[0]] if s == 0 or s in histories["images_seen"])
+    out = {"step": np.array(steps)}
+    out.update({key: np.array([values.get(s, 0.0 if key not in metrics else np.nan) for s in steps])
+                for key, values in histories.items()})
     return out
 
 
@@ -44,12 +46,12 @@ def lr_scores(uri: str, experiment: str, sweep: str, val_gold: str) -> dict[floa
     for run in sweep_children(uri, experiment, sweep).values():
         if run.info.status != "FINISHED":
             continue
-        points = run_points(client, run.info.run_id, val_gold)
-        errors = run_points(client, run.info.run_id, f"{val_gold}_se")["y"]
-        errors = errors if len(errors) == len(points["y"]) else np.zeros(len(points["y"]))
+        points = run_points(client, run.info.run_id, (val_gold, f"{val_gold}_se"))
+        values, errors = points[val_gold], points[f"{val_gold}_se"]
+        errors = np.zeros(len(values)) if np.isnan(errors).any() else errors
         scores[float(run.data.params["optim.lr"])] = {
-            "auc": auc(points["images_seen"], points["y"]), "final": float(points["y"][-1]),
-            "go_no_go": go_no_go(points["images_seen"], points["y"], errors), "run_id": run.info.run_id}
+            "auc": auc(points["images_seen"], values), "final": float(values[-1]),
+            "go_no_go": go_no_go(points["images_seen"], values, errors), "run_id": run.info.run_id}
     if not scores:
         raise RuntimeError(f"sweep {sweep}: no finished trial to choose a learning rate from")
     return scores
@@ -62,13 +64,13 @@ def arm_curves(uri: str, experiment: str, sweep: str, protocol: Protocol) -> dic
     client = MlflowClient(uri)
     runs = [r for r in sweep_children(uri, experiment, sweep).values() if r.info.status == "FINISHED"]
     out: dict[str, dict[str, Curve]] = {}
-    for kind, metric in (("gold", f"eval/{protocol.gold}"), ("proxy", f"eval/{protocol.proxy}")):
-        points = [run_points(client, r.info.run_id, metric) for r in runs]
-        length = min((len(p["y"]) for p in points), default=0)
-        if not length:
-            continue
-        out[kind] = {axis: Curve(np.array([p[axis][:length] for p in points]),
-                                 np.array([p["y"][:length] for p in points])) for axis, _ in AXES}
+    gold, proxy = f"eval/{protocol.gold}", f"eval/{protocol.proxy}"
+    points = [run_points(client, r.info.run_id, (gold, proxy)) for r in runs]
+    length = min((len(p["step"]) for p in points), default=0)
+    for kind, metric in (("gold", gold), ("proxy", proxy)):
+        if length and not any(np.isnan(p[metric][:length]).any() for p in points):
+            out[kind] = {axis: Curve(np.array([p[axis][:length] for p in points]),
+                                     np.array([p[metric][:length] for p in points])) for axis, _ in AXES}
     return out
 
 
