@@ -84,6 +84,19 @@ def compare_cli(tmp_path, *overrides):
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=900)
 
 
+def test_the_lr_grid_grows_past_the_end_where_the_best_rate_sits():
+    from alignprop.platform.compare.driver import beyond
+
+    grid = [1e-3, 3e-3, 1e-2]
+    assert beyond(grid, {1e-3: -1.5, 3e-3: -1.2, 1e-2: -0.8}) == 3e-2  # best at the top: up the 1-3-10 ladder
+    assert beyond(grid + [3e-2], {1e-3: -1.5, 3e-3: -1.2, 1e-2: -0.8, 3e-2: -0.7}) == 1e-1
+    assert beyond([3e-4, 1e-3, 3e-3], {3e-4: 0.2, 1e-3: 0.1, 3e-3: 0.0}) == 1e-4  # best at the bottom: down
+    assert beyond(grid, {1e-3: -1.5, 3e-3: -0.9, 1e-2: -1.0}) is None  # inside: the grid brackets it
+    assert beyond(grid + [3e-2], {1e-3: -1.5, 3e-3: -1.2, 1e-2: -0.8}) is None  # 3e-2 diverged: 1e-2 is inside
+    assert beyond([2e-3, 4e-3], {2e-3: 0.0, 4e-3: 1.0}) == 8e-3  # off the ladder: the end spacing
+    assert beyond([1e-2], {1e-2: 0.0}) is None  # one rate brackets nothing
+
+
 @pytest.mark.slow
 def test_the_tiny_protocol_runs_both_phases_and_reports_into_mlflow(tmp_path):
     from mlflow import MlflowClient
@@ -108,7 +121,7 @@ def test_the_tiny_protocol_runs_both_phases_and_reports_into_mlflow(tmp_path):
     assert {"sample_efficiency.png", "sample_efficiency.md", "sample_efficiency.csv"} <= listed
     for arm, trials in (("alignprop", 2), ("grpo", 1)):
         lr_runs = sweep_children(uri, "tiny-compare", f"tiny-compare-{arm}-lr")
-        seed_runs = sweep_children(uri, "tiny-compare", f"tiny-compare-{arm}-seeds")
+        seed_runs = sweep_children(uri, "tiny-compare", f"tiny-compare-{arm}-seeds-lr{chosen[arm]:g}")
         assert len(lr_runs) == trials and len(seed_runs) == 2
         seeds = sorted(int(r.data.params["trainer.seed"]) for r in seed_runs.values())
         lrs = {float(r.data.params["optim.lr"]) for r in seed_runs.values()}
@@ -122,6 +135,6 @@ def test_the_tiny_protocol_runs_both_phases_and_reports_into_mlflow(tmp_path):
     again = compare_cli(tmp_path, *overrides)  # resumes: every sweep is done, nothing reruns
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming sweep tiny-compare-alignprop-lr" in again.stderr and "2 of 2 planned trials done" in again.stderr
-    assert len(sweep_children(uri, "tiny-compare", "tiny-compare-alignprop-seeds")) == 2
+    assert len(sweep_children(uri, "tiny-compare", f"tiny-compare-alignprop-seeds-lr{chosen['alignprop']:g}")) == 2
     [same] = client.search_runs([experiment.experiment_id], "tags.`alignprop.role` = 'compare'")
     assert same.info.run_id == report.info.run_id

@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from ..launch import init_ray, ray_address, resolved_tracking_uri
 from ..sweeps.space import SweepSpec
-from .protocol import Protocol, arm_config, choose
+from .protocol import Arm, Protocol, arm_config, choose
 from .report import arm_curves, lr_scores, say, write_report
 
 
@@ -40,13 +41,7 @@ def _phases(preset: str, overrides: list[str], protocol: Protocol, name: str, ar
 
     val_gold, phase1, chosen, curves = f"val/{protocol.gold}", {}, {}, {}
     for arm in arms:
-        sweep = f"{name}-{arm.name}-lr"
-        spec = SweepSpec(name=sweep, metric=val_gold, mode="max", scheduler="none",
-                         space={"optim.lr": {"space": "grid_search", "values": list(arm.lrs)},
-                                "trainer.seed": {"space": "grid_search", "values": [0]}})
-        say(f"{arm.name}: phase 1, lr in {', '.join(f'{lr:g}' for lr in arm.lrs)} on seed 0, {arm.budget} images each")
-        run_sweep(configs[arm.name], spec, 1, max_concurrent, sweep_name=sweep)
-        phase1[arm.name] = lr_scores(uri, name, sweep, val_gold)
+        phase1[arm.name] = _phase1(arm, configs[arm.name], protocol, uri, name, max_concurrent, run_sweep)
         chosen[arm.name] = max(phase1[arm.name], key=lambda lr: phase1[arm.name][lr]["auc"])
         say(f"{arm.name}: lr {chosen[arm.name]:g} chosen by the validation gold's AUC ("
             + ", ".join(f"{lr:g}: {s['auc']:.4g}" for lr, s in sorted(phase1[arm.name].items())) + ")")
@@ -54,7 +49,7 @@ def _phases(preset: str, overrides: list[str], protocol: Protocol, name: str, ar
             verdict = phase1[arm.name][chosen[arm.name]]["go_no_go"]
             say(f"{arm.name}: go/no-go: validation gold rose {verdict['rise']:+.4g} ({verdict['z']:.1f} SE) within "
                 f"{verdict['within']} images: {'go' if verdict['go'] else 'NO-GO: raise its budget (Arm.budget)'}")
-        sweep = f"{name}-{arm.name}-seeds"
+        sweep = f"{name}-{arm.name}-seeds-lr{chosen[arm.name]:g}"  # the rate in the name: a wider grid never mixes
         spec = SweepSpec(name=sweep, metric=val_gold, mode="max", scheduler="none",
                          space={"trainer.seed": {"space": "grid_search", "values": list(protocol.seeds)}})
         say(f"{arm.name}: phase 2, seeds {', '.join(map(str, protocol.seeds))} at lr {chosen[arm.name]:g}")
@@ -62,3 +57,48 @@ def _phases(preset: str, overrides: list[str], protocol: Protocol, name: str, ar
                   sweep_name=sweep)
         curves[arm.name] = arm_curves(uri, name, sweep, protocol)
     return write_report(uri, name, protocol, arms, curves, chosen, phase1)
+
+
+def _phase1(arm: Arm, cfg, protocol: Protocol, uri: str, name: str, max_concurrent: Optional[int],
+            run_sweep) -> dict[float, dict[str, Any]]:
+    """The arm's lr sweep on seed 0 (`<name>-<arm>-lr`); while the best rate is at an end of the rates tried,
+    one more rate beyond it (`beyond`) as its own sweep `<name>-<arm>-lr-ext<i>`, at most `protocol.extend`
+    times. A rate whose run diverged (not FINISHED) has no score and ends the extension."""
+    val_gold, scores, tried, lrs = f"val/{protocol.gold}", {}, list(arm.lrs), list(arm.lrs)
+    for ext in range(protocol.extend + 1):
+        sweep = f"{name}-{arm.name}-lr" + (f"-ext{ext}" if ext else "")
+        spec = SweepSpec(name=sweep, metric=val_gold, mode="max", scheduler="none",
+                         space={"optim.lr": {"space": "grid_search", "values": lrs},
+                                "trainer.seed": {"space": "grid_search", "values": [0]}})
+        say(f"{arm.name}: phase 1" + (f", extension {ext}" if ext else "")
+            + f", lr in {', '.join(f'{v:g}' for v in lrs)} on seed 0, {arm.budget} images each")
+        run_sweep(cfg, spec, 1, max_concurrent, sweep_name=sweep)
+        scores.update(lr_scores(uri, name, sweep, val_gold, required=ext == 0))
+        lr = beyond(tried, {k: v["auc"] for k, v in scores.items()})
+        if lr is None or ext == protocol.extend:
+            break
+        say(f"{arm.name}: the best lr is at an end of the rates tried ({', '.join(f'{v:g}' for v in sorted(tried))}): "
+            f"trying {lr:g}")
+        tried.append(lr)
+        lrs = [lr]
+    return scores
+
+
+def beyond(tried: list[float], aucs: dict[float, float]) -> Optional[float]:
+    """The next rate past the end of `tried` where the best-scoring rate sits (None: the best is inside; a rate
+    that diverged has no score, so a best rate next to it is inside). Steps on the 1-3-10 ladder (1e-2 → 3e-2 → 1e-1,
+    1e-3 → 3e-4); a grid off the ladder keeps its end spacing."""
+    grid = sorted(tried)
+    if len(grid) < 2 or not aucs:
+        return None
+    best = max(aucs, key=aucs.get)
+    if best not in (grid[0], grid[-1]):
+        return None
+    up = best == grid[-1]
+    exponent = math.floor(math.log10(best) + 1e-9)
+    mantissa = round(best / 10 ** exponent, 6)
+    if mantissa in (1.0, 3.0):
+        step = {(1.0, True): 3.0, (3.0, True): 10 / 3, (1.0, False): 1 / (10 / 3), (3.0, False): 1 / 3}[mantissa, up]
+    else:
+        step = grid[-1] / grid[-2] if up else grid[0] / grid[1]
+    return float(f"{best * step:.6g}")

@@ -2,8 +2,10 @@
 (`PAPER`; `TINY` is what the suite runs); `arm_config` makes an arm's run config. driver.py runs them:
 
 Phase 1 sweeps each arm's `lrs` on seed 0 (`<name>-<arm>-lr`) and picks the rate with the largest area
-under its validation gold curve (`val/<gold>` against images, trapezoids over the budget). Phase 2 runs
-`seeds` at that rate (`<name>-<arm>-seeds`); only phase 2 is reported (seed 0 chose the rate). Every
+under its validation gold curve (`val/<gold>` against images, trapezoids over the budget); while that rate
+is at an end of the rates tried, the next rate past it runs too (`<name>-<arm>-lr-ext<i>`, at most `extend`).
+Phase 2 runs `seeds` at the chosen rate (`<name>-<arm>-seeds-lr<rate>`); only phase 2 is reported (seed 0
+chose the rate). Every
 sweep is an ordinary `alignprop tune` sweep: rerunning the command resumes each from its own records,
 and a finished one is read back, not rerun. All runs are judged by one evaluation sampler
 (`trainer.eval_eta`, `trainer.eval_num_steps`, in `common`), whatever sampler they train with.
@@ -35,6 +37,7 @@ class Protocol:
     proxy: str  # the reward being trained
     seeds: tuple[int, ...] = (1, 2)
     evaluations: int = 10  # per run, evenly over its budget
+    extend: int = 2  # at most this many rates tried past a grid's end while the best sits there (driver.beyond)
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -68,7 +71,7 @@ TINY = Protocol(
             "trainer.eval_seeds=1",
             "trainer.val_prompt_file=toy_val.txt",
             "trainer.eval_eta=0.0", "trainer.eval_num_steps=4", "trainer.best_metric=val/toy_count_judge"),
-    gold="toy_count_judge", proxy="toy_count", evaluations=2,
+    gold="toy_count_judge", proxy="toy_count", evaluations=2, extend=0,
     arms=(
         Arm("alignprop", ("trainer.algorithm=alignprop", "sampling.eta=0.0", "truncation.strategy=uniform",
                           "truncation.low=1", "truncation.high=4"), (1e-3, 1e-2), 8),

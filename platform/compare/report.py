@@ -38,8 +38,10 @@ def run_points(client, run_id: str, metrics: tuple[str, ...]) -> dict[str, np.nd
     return out
 
 
-def lr_scores(uri: str, experiment: str, sweep: str, val_gold: str) -> dict[float, dict[str, Any]]:
-    """Phase 1: per learning rate, the validation gold's AUC over images and the go/no-go verdict."""
+def lr_scores(uri: str, experiment: str, sweep: str, val_gold: str,
+              required: bool = True) -> dict[float, dict[str, Any]]:
+    """Phase 1: per learning rate, the validation gold's AUC over images and the go/no-go verdict; a sweep
+    with no finished trial is an error where `required` (an extension's diverged rate is just unscored)."""
     from mlflow import MlflowClient
 
     client, scores = MlflowClient(uri), {}
@@ -52,7 +54,7 @@ def lr_scores(uri: str, experiment: str, sweep: str, val_gold: str) -> dict[floa
         scores[float(run.data.params["optim.lr"])] = {
             "auc": auc(points["images_seen"], values), "final": float(values[-1]),
             "go_no_go": go_no_go(points["images_seen"], values, errors), "run_id": run.info.run_id}
-    if not scores:
+    if not scores and required:
         raise RuntimeError(f"sweep {sweep}: no finished trial to choose a learning rate from")
     return scores
 
