@@ -72,12 +72,14 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
     refused with an `INVALID_PARAMETER_VALUE` error (HTTP 400 when served) that names the limit."""
 
     def load_context(self, context) -> None:
+        import threading
+
         import torch
 
-        from alignprop.platform.models import load_pipeline
+        from alignprop.platform.models import LoraFold, load_pipeline
         from alignprop.platform.console import load_lora_weights
         from alignprop.platform.soup.mix import lora_weights_file
-        from alignprop.trainers.families import family_of
+        from alignprop.trainers.families import denoiser_of, family_of
 
         cfg = read_config(context.artifacts["config"])
         self.sampling = cfg.sampling
@@ -85,6 +87,8 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         self.family = family_of(self.pipe)  # its own diffusers pipeline call: SD, SDXL or SD3
         weights = lora_weights_file(context.artifacts["lora"])  # a checked safetensors file: never a pickle
         load_lora_weights(self.pipe, str(weights.parent), weights.name)
+        self.fold = LoraFold(denoiser_of(self.pipe))  # each request folds the LoRA (at its scale) into the weights
+        self.lock = threading.Lock()  # one request at a time changes the scale and the weights
 
     def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
         import torch
@@ -97,18 +101,20 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         guidance = _param(params, "guidance_scale", s.guidance_scale, float, 1.0, MAX_GUIDANCE)
         lora_scale = _param(params, "lora_scale", 1.0, float, 0.0, MAX_LORA_SCALE)
         prompts = _prompts(model_input)
-        set_pipeline_lora_scale(self.pipe, lora_scale)  # every request sets it: a default request is scale 1
-        rows = []
-        with torch.no_grad():
-            for i, prompt in enumerate(prompts):
-                kwargs = {**self.family.call_kwargs(s), "num_inference_steps": steps, "guidance_scale": guidance}
-                image = self.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i),
-                                  **kwargs).images[0]
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                image_text = base64.b64encode(buffer.getvalue()).decode("ascii")
-                rows.append({"prompt": prompt, "seed": seed + i, "image": image_text})
+        with self.lock, torch.no_grad():
+            set_pipeline_lora_scale(self.pipe, lora_scale)  # every request sets it: a default request is scale 1
+            with self.fold.folded():
+                rows = [self._render(prompt, seed + i, steps, guidance) for i, prompt in enumerate(prompts)]
         return pd.DataFrame(rows, columns=["prompt", "seed", "image"])
+
+    def _render(self, prompt: str, seed: int, steps: int, guidance: float) -> dict[str, Any]:
+        import torch
+
+        kwargs = {**self.family.call_kwargs(self.sampling), "num_inference_steps": steps, "guidance_scale": guidance}
+        image = self.pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs).images[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"prompt": prompt, "seed": seed, "image": base64.b64encode(buffer.getvalue()).decode("ascii")}
 
 
 def _refuse(message: str):

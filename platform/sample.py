@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import ConfigError, ModelSection, RunConfig, load_config
-from .models import LORA_WEIGHTS_NAME, TOY_WORLD_MODEL, load_pipeline, set_pipeline_lora_scale
+from .models import LORA_WEIGHTS_NAME, TOY_WORLD_MODEL, LoraFold, load_pipeline, set_pipeline_lora_scale
 from .console import load_lora_weights
 from ..trainers.families import denoiser_of, family_of
 from .soup.mix import check_fits, lora_weights_file
@@ -183,9 +183,10 @@ def write_samples(cfg: RunConfig, prompts: Sequence[str], out: str, lora: Option
             load_lora_weights(pipe, str(path.parent), path.name)
             if lora_scale != 1.0:
                 set_pipeline_lora_scale(pipe, lora_scale)
-        for i, prompt in enumerate(prompts):
-            image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i),
-                         **family.call_kwargs(s)).images[0]
-            written.append(out_dir / f"{tag}_{i:02d}.png")
-            image.save(written[-1])
+        with LoraFold(denoiser_of(pipe)).folded():  # the LoRA in the weights: the bare model's speed
+            for i, prompt in enumerate(prompts):
+                image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                             **family.call_kwargs(s)).images[0]
+                written.append(out_dir / f"{tag}_{i:02d}.png")
+                image.save(written[-1])
     return written

@@ -39,6 +39,12 @@ def render(pipe, prompt: str, seed: int, cfg) -> np.ndarray:
     return np.asarray(image)
 
 
+def same_image(ours: np.ndarray, plain: np.ndarray) -> bool:
+    """The Model folds the LoRA into the weights (`LoraFold`), plain diffusers runs peft's wrapped layers: the
+    same math up to float rounding (≈1e-6 here), which can move a pixel across an 8-bit step, never further."""
+    return ours.shape == plain.shape and int(np.abs(ours.astype(int) - plain.astype(int)).max()) <= 1
+
+
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A run (sqlite store) holding a tiny-pipeline LoRA with nonzero B at lora/final and the run's
@@ -100,11 +106,11 @@ def test_runs_uri_loads_a_pyfunc_whose_images_carry_the_lora(logged):
     with_lora = load_pipeline(cfg.model)
     with_lora.load_lora_weights(str(logged["root"] / "lora"))
     for i, (prompt, image) in enumerate(zip(PROMPTS, images)):
-        assert np.array_equal(image, render(with_lora, prompt, i, cfg)), "predict = the base pipeline + the run's LoRA"
+        assert same_image(image, render(with_lora, prompt, i, cfg)), "predict = the base pipeline + the run's LoRA"
         assert np.abs(image.astype(int) - render(base, prompt, i, cfg)).max() > 0, "the LoRA changes the image"
     reseeded = predict(logged["model_uri"], logged["uri"], PROMPTS[:1], seed=7)
-    assert list(reseeded.seed) == [7] and np.array_equal(np.asarray(decode_image(reseeded.image[0])),
-                                                         render(with_lora, PROMPTS[0], 7, cfg))
+    assert list(reseeded.seed) == [7] and same_image(np.asarray(decode_image(reseeded.image[0])),
+                                                     render(with_lora, PROMPTS[0], 7, cfg))
 
 
 def test_lora_scale_zero_is_the_base_pipeline_and_a_later_default_request_is_scale_one_again(logged):

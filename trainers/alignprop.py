@@ -31,7 +31,7 @@ import torch
 from ..platform.config import RunConfig, read_prompt_file, refl_bounds
 from ..platform.console import progress_bar
 from ..platform.errors import NonFiniteError
-from ..platform.models import add_lora, load_pipeline, lora_delta_norm, lora_scaled, save_lora
+from ..platform.models import LoraFold, add_lora, load_pipeline, lora_delta_norm, lora_scaled, save_lora
 from ..platform.tracking import Tracker
 from ..rewards import build_rewards
 from ..rewards.toy import proxy_errors
@@ -119,6 +119,7 @@ class AlignPropRecipe:
                                                    section.updates_per_epoch if section else 1)
         apply_perf(self.pipe, self.denoiser, cfg.perf, device)  # after DeepSpeed's broadcast: contiguous weights
         self.prefix_denoiser = compiled_prefix(self.denoiser, cfg.perf)
+        self.fold = LoraFold(self.denoiser) if cfg.perf.lora_prefix == "fold" else None
         dtype = compute_dtype(cfg.perf, resolve_precision(cfg.deepspeed.precision, device))
         self.rewards = build_rewards(cfg.rewards, dtype=dtype).to(device)
         self.eval_rewards = build_rewards(cfg.eval_rewards, dtype=dtype).to(device) if cfg.eval_rewards else None
@@ -143,11 +144,12 @@ class AlignPropRecipe:
     def sample(self, prompts: list[str], generator: torch.Generator, embeds=None,
                settings: Optional[SamplerSettings] = None, **options):
         """`sampling.sample` with the run's settings (or `settings`) and models (options: k, grad_steps,
-        stop_at, trajectory); `embeds`: the prompts' conditioning when the caller has it already."""
+        stop_at, trajectory, fold: None for the wrapped layers throughout); `embeds`: the prompts'
+        conditioning when the caller has it already."""
         embeds = encode_prompts(self.pipe, prompts, self.ctx.device) if embeds is None else embeds
         return sample(self.pipe, self.engine, embeds, self.negative.expand(len(prompts)), generator,
                       settings or SamplerSettings.of(self.cfg.sampling), checkpoint_unet=self.checkpoint_plan(),
-                      prefix_denoiser=self.prefix_denoiser, **options)
+                      prefix_denoiser=self.prefix_denoiser, **{"fold": self.fold, **options})
 
     def checkpoint_plan(self) -> CheckpointPlan:
         return CheckpointPlan(self.cfg.sampling.checkpoint_unet, self.cfg.sampling.activation_budget_mb)

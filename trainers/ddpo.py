@@ -117,8 +117,11 @@ def collect(recipe, step: int) -> dict:
         prompts = recipe.pick_prompts(step, micro)
         trajectory: list = []
         cond = encode_prompts(recipe.pipe, prompts, ctx.device)
+        # fold=None: the recorded log-probabilities are the wrapped policy's own, as the update recomputes them,
+        # so the first update's PPO ratio is exactly 1 (Flow-GRPO's clip range is 1e-4; a folded rollout's
+        # rounding would be clipped, most of all in bf16)
         out = recipe.sample(prompts, recipe.generator(step, micro, ctx.rank), embeds=cond, trajectory=trajectory,
-                            settings=settings)
+                            settings=settings, fold=None)
         total, components = recipe.rewards(out.images, prompts, gather=recipe.gather)
         rows.append(torch.stack([total, *components.values()], dim=1).float().cpu())
         timesteps = torch.stack([t for t, *_ in trajectory])

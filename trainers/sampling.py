@@ -44,6 +44,7 @@ The gradients are the same in every mode; only memory and time differ.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import weakref
@@ -54,7 +55,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..platform.config import CHECKPOINT_MODES, TruncationSection
-from ..platform.models.lora import adapters_disabled
+from ..platform.models.lora import LoraFold, adapters_disabled
 from .families import Conditioning, denoiser_of, family_of, transition_kl, with_guidance
 
 CONTIGUOUS = ("fixed", "uniform", "gaussian")
@@ -169,6 +170,7 @@ def sample(
     prefix_denoiser: Optional[Callable] = None,
     phases: Optional["PhaseTimer"] = None,
     kl_terms: Optional[list] = None,
+    fold: Optional[LoraFold] = None,
 ) -> SampleOutput:
     """The family's sampler (DDIM for sd/sdxl, flow-matching Euler for sd3) with classifier-free
     guidance; gradients flow through the last `k` steps only, or, given `grad_steps` (e.g.
@@ -188,6 +190,8 @@ def sample(
     gets `prefix` (the no-graph steps before the first kept one), `window` and `decode`. `kl_terms`
     (`optim.kl_coef`): a list that gets, for every step that keeps a graph, the per-sample
     `transition_kl` of the step to the base model's (one more denoiser call, adapter off, no graph).
+    `fold` (`perf.lora_prefix: fold`): the calls before the first kept step (all of them without a
+    graph) run with the LoRA folded into the weights; the window runs the wrapped layers.
     """
     num_steps, guidance_scale, eta, resolution = (settings.num_steps, settings.guidance_scale, settings.eta,
                                                   settings.resolution)
@@ -203,26 +207,30 @@ def sample(
     grad_allowed = torch.is_grad_enabled()  # an outer no_grad (evaluation) wins over the window
     plan = CheckpointPlan.of(checkpoint_unet)
     first_kept = window[0] if window and grad_allowed else None
-
-    for i, t in enumerate(scheduler.timesteps):
-        with_graph = grad_allowed and i in keep
-        if phases is not None and i == first_kept:
-            phases.mark("prefix")
-        model = denoiser if with_graph or prefix_denoiser is None else prefix_denoiser
-        with torch.set_grad_enabled(with_graph):
-            noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution,
-                                      plan if with_graph else None)
-        with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
-            if kl_terms is not None and with_graph:
-                kl_terms.append(base_step_kl(pipe, model, latents, t, text, noise, settings))
-            if i == stop_at:
-                latents = family.predict_x0(scheduler, noise, t, latents)
-                break
-            variance_noise = torch.randn(latents.shape, generator=generator).to(device) if eta > 0 else None
-            previous = latents
-            latents = family.step(scheduler, noise, t, latents, eta, variance_noise)
-            if trajectory is not None:
-                trajectory.append((t, previous.detach(), noise.detach(), latents.detach()))
+    with contextlib.ExitStack() as folding:  # closed (the LoRA unfolded) before the first step with a graph
+        if fold is not None and first_kept != 0:
+            folding.enter_context(fold.folded())
+        for i, t in enumerate(scheduler.timesteps):
+            with_graph = grad_allowed and i in keep
+            if i == first_kept:
+                folding.close()
+                if phases is not None:
+                    phases.mark("prefix")
+            model = denoiser if with_graph or prefix_denoiser is None else prefix_denoiser
+            with torch.set_grad_enabled(with_graph):
+                noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution,
+                                          plan if with_graph else None)
+            with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
+                if kl_terms is not None and with_graph:
+                    kl_terms.append(base_step_kl(pipe, model, latents, t, text, noise, settings))
+                if i == stop_at:
+                    latents = family.predict_x0(scheduler, noise, t, latents)
+                    break
+                variance_noise = torch.randn(latents.shape, generator=generator).to(device) if eta > 0 else None
+                previous = latents
+                latents = family.step(scheduler, noise, t, latents, eta, variance_noise)
+                if trajectory is not None:
+                    trajectory.append((t, previous.detach(), noise.detach(), latents.detach()))
     if phases is not None:
         phases.mark("window" if first_kept is not None else "prefix")
     images = decode(pipe.vae, latents, settings.checkpoint_vae)

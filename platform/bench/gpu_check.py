@@ -8,8 +8,9 @@ as one Markdown table (plus the raw rows as JSON lines) for NOTES.md:
    policy, the memory bound of K = 1 at 512 px batch 4 (SD1.5 size).
 2. The bench grid with the SD1.5 architecture (`model.arch=sd15`, random weights), 512 px, N = 50,
    bf16: K ∈ {1, 5, 50} × batch {1, 2, 4} × checkpoint {all, auto}.
-3. The fast paths at K = 1, batch 4, one switch at a time against that baseline: eager attention,
-   channels-last, bf16 autocast with fp32 LoRA, TF32 off, `torch.compile` of the prefix.
+3. The fast paths at K = 1, batch 4, one switch at a time against that baseline: the LoRA wrapped
+   (not folded) in the prefix, eager attention, channels-last, bf16 autocast with fp32 LoRA, TF32 off,
+   `torch.compile` of the prefix.
 4. The UNet alone, forward + backward at 512 px (batch 4 with CFG), bf16: MFU against the card's peak.
 Each section runs while the time budget lasts; a failing section is a row saying so, not a crash.
 """
@@ -38,7 +39,8 @@ SD15 = ["model.pretrained=null", "model.tiny=false", "model.arch=sd15", "model.d
         "deepspeed.precision=bf16", "ray.use_gpu=true", "sampling.resolution=512", "sampling.num_steps=50",
         "rewards=[{name: brightness, weight: 1.0}]", "truncation.k=1"]
 FAST_PATHS = {  # label → overrides against the SD1.5 bf16 baseline
-    "baseline (DeepSpeed bf16, SDPA, TF32)": [],
+    "baseline (DeepSpeed bf16, SDPA, TF32, LoRA folded in the prefix)": [],
+    "LoRA wrapped in the prefix (peft's layers)": ["perf.lora_prefix=wrapped"],
     "attention eager": ["perf.attention=eager"],
     "channels-last": ["perf.channels_last=true"],
     "autocast bf16, fp32 LoRA": ["deepspeed.precision=fp32", "perf.autocast=bf16"],

@@ -146,7 +146,7 @@ _NOT_IN_RUN_HASH = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_eve
 
 # Fields added after runs existed: at these values they leave run names as they were, so those runs still resume.
 _ADDED_DEFAULTS = {"model.arch": None, "sampling.activation_budget_mb": None, "perf.autocast": "none",
-                   "perf.attention": "sdpa", "perf.channels_last": False,
+                   "perf.attention": "sdpa", "perf.channels_last": False, "perf.lora_prefix": "fold",
                    "perf.tf32": True, "perf.compile_prefix": False, "perf.compile_mode": "default",
                    "trainer.eval_seeds": 2, "trainer.best_metric": "eval/reward_total",
                    "trainer.eval_eta": None, "trainer.eval_num_steps": None, "trainer.val_prompts": [],

@@ -213,6 +213,9 @@ class PerfSection:
     compile_prefix: bool = False  # torch.compile the denoiser for the no-grad steps before the window
     # torch.compile's mode for it: default | reduce-overhead (CUDA graphs: no per-kernel launch cost) | max-autotune
     compile_mode: str = "default"
+    # fold: the calls that need no gradient (the prefix before the window, evaluation, DDPO/GRPO sampling)
+    # run with W + s·B·A folded into the weights, as fast as the bare model | wrapped: through peft's layers
+    lora_prefix: str = "fold"
 
 
 @dataclass

@@ -223,6 +223,7 @@ def _validate_perf(cfg: RunConfig) -> None:
            f"got {p.autocast} with deepspeed.precision={cfg.deepspeed.precision}; accepted: none, or "
            "deepspeed.precision auto/fp32 (autocast keeps fp32 LoRA weights)")
     _check(p.attention in ("sdpa", "eager"), "perf.attention", f"got {p.attention!r}; accepted: sdpa, eager")
+    _check(p.lora_prefix in ("fold", "wrapped"), "perf.lora_prefix", f"got {p.lora_prefix!r}; accepted: fold, wrapped")
     _check(p.compile_mode in COMPILE_MODES, "perf.compile_mode",
            f"got {p.compile_mode!r}; accepted: {', '.join(COMPILE_MODES)}")
 

@@ -104,3 +104,55 @@ def adapters_disabled(denoiser: torch.nn.Module):
         yield denoiser
     finally:
         denoiser.enable_adapters()
+
+
+class LoraFold:
+    """`perf.lora_prefix: fold`: inside `folded()`, every LoRA layer of the denoiser runs as its base layer
+    with W + s·B·A in place of W (peft's `merge`), so a call that needs no gradient costs what the bare
+    model costs (no extra kernels per wrapped layer); on leaving, each W is restored bit for bit from an
+    untouched copy taken at the first fold (never by subtraction: no drift over thousands of folds).
+    The LoRA weights are read when folding: fold after each optimizer step, never across one.
+
+        fold = LoraFold(denoiser)
+        with torch.no_grad(), fold.folded():      # the prefix, evaluation, DDPO/GRPO sampling
+            ...
+    A no-op (the wrapped layers run) while the adapter is disabled, and for a denoiser in training mode
+    whose LoRA has dropout (the wrapped layers would drop, the folded weights cannot)."""
+
+    def __init__(self, denoiser: torch.nn.Module):
+        from peft.tuners.lora import LoraLayer
+
+        self.denoiser = denoiser
+        self.layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer) and len(m.lora_A)]
+        self.originals: list[torch.Tensor] = []
+        self.active = False
+
+    def _applies(self) -> bool:
+        if not self.layers or self.active or any(layer.disable_adapters for layer in self.layers):
+            return False
+        dropout = any(p.p > 0 for layer in self.layers for p in layer.lora_dropout.values()
+                      if isinstance(p, torch.nn.Dropout))
+        return not (dropout and self.denoiser.training)
+
+    @contextmanager
+    def folded(self):
+        if not self._applies():
+            yield self.denoiser
+            return
+        with torch.no_grad():
+            if not self.originals:
+                self.originals = [layer.get_base_layer().weight.detach().clone() for layer in self.layers]
+            self.active = True
+            try:
+                for layer in self.layers:
+                    layer.merge()
+                yield self.denoiser
+            finally:
+                self._restore()
+
+    def _restore(self) -> None:
+        for layer, original in zip(self.layers, self.originals):
+            if layer.merged:
+                layer.unmerge()  # peft's bookkeeping; the weight it leaves is overwritten with the copy
+            layer.get_base_layer().weight.copy_(original)
+        self.active = False
