@@ -1,6 +1,7 @@
 """The AlignProp recipe, one worker's view: setup → train step → evaluate → save/load checkpoint → train.
 `trainer.algorithm` picks the train step: alignprop (below), refl and draft_lv (a few lines each in
-`_train_images`), ddpo (trainers/ddpo.py), grpo (trainers/grpo.py); the rest of the lifecycle is shared.
+`_train_images`), drtune (trainers/drtune.py), direct_align (trainers/direct_align.py), ddpo
+(trainers/ddpo.py), grpo (trainers/grpo.py); the rest of the lifecycle is shared.
 
 Run through Ray Train (one copy per worker) by `alignprop train --config tiny-cpu`; the recipe itself
 knows nothing of Ray: it gets a `WorkerContext` (rank, device, report(), the checkpoint to resume).
@@ -35,7 +36,7 @@ from ..platform.models import LoraFold, add_lora, load_pipeline, lora_delta_norm
 from ..platform.tracking import Tracker
 from ..rewards import build_rewards
 from ..rewards.toy import proxy_errors
-from . import ddpo, grpo
+from . import ddpo, direct_align, drtune, grpo
 from .checkpoint import UnsafeCheckpointError, check_checkpoint_files  # noqa: F401 (re-export)
 from .checkpoint import load_engine_state, save_engine_state
 from .checkpoint_integrity import write_manifest
@@ -230,6 +231,9 @@ class AlignPropRecipe:
             stop = random.Random(f"alignprop-refl/{cfg.trainer.seed}/{step}/{micro}").randint(*refl_bounds(cfg))
             out = self.sample(prompts, generator, grad_steps=[stop], stop_at=stop, kl_terms=kl_terms)
             return out.images, prompts, 1, (stop + 1 + out.recomputed + len(kl_terms or ())) * per_call
+        if algorithm in ("drtune", "direct_align"):
+            return {"drtune": drtune, "direct_align": direct_align}[algorithm].train_images(self, prompts, step, micro,
+                                                                                           kl_terms)
         if algorithm == "draft_lv":
             copies, embeds = cfg.draft_lv.copies, encode_prompts(self.pipe, prompts, self.ctx.device)
             with torch.no_grad():

@@ -197,6 +197,19 @@ class SDFamily:
         """x0 noised to step t's level: q(x_t | x0)."""
         return scheduler.add_noise(x0, noise, t.reshape(1))
 
+    def noise_coefficients(self, scheduler, i: int, after: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) with x = a·x0 + b·ε at step i's level, timesteps[i] (`after`: the level step i lands on,
+        timesteps[i] − ⌊T/N⌋ as DDIM's step computes it, ᾱ_final below 0): sqrt(ᾱ), sqrt(1 − ᾱ)."""
+        t = int(scheduler.timesteps[i])
+        if after:
+            t -= scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        alpha = scheduler.alphas_cumprod[t] if t >= 0 else scheduler.final_alpha_cumprod
+        return alpha.sqrt(), (1 - alpha).sqrt()
+
+    def step_at(self, scheduler, pred, i: int, latents) -> torch.Tensor:
+        """The deterministic (η = 0) step from sampling index i to i + 1."""
+        return scheduler.step(pred, scheduler.timesteps[i], latents, eta=0.0).prev_sample
+
     def call_kwargs(self, sampling) -> dict:
         """Keyword arguments of the family's own diffusers pipeline call (`alignprop sample`, MLflow Model)."""
         return {"num_inference_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,
@@ -296,6 +309,15 @@ class SD3Family:
     def renoise(self, scheduler, x0, noise, t) -> torch.Tensor:
         sigma = self._sigma(scheduler, t, x0)
         return sigma * noise + (1 - sigma) * x0
+
+    def noise_coefficients(self, scheduler, i: int, after: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 − σ, σ): x = (1 − σ) x0 + σ ε at step i's σ_i (`after`: σ_{i+1}, where Euler's step lands)."""
+        sigma = scheduler.sigmas[i + 1 if after else i]
+        return 1 - sigma, sigma
+
+    def step_at(self, scheduler, pred, i: int, latents) -> torch.Tensor:
+        scheduler._step_index = i  # the scheduler counts its steps: take step i, whatever came before
+        return scheduler.step(pred, scheduler.timesteps[i], latents).prev_sample
 
     def call_kwargs(self, sampling) -> dict:
         return {"num_inference_steps": sampling.num_steps, "guidance_scale": sampling.guidance_scale,

@@ -171,6 +171,7 @@ def sample(
     phases: Optional["PhaseTimer"] = None,
     kl_terms: Optional[list] = None,
     fold: Optional[LoraFold] = None,
+    stop_input_grad: bool = False,
 ) -> SampleOutput:
     """The family's sampler (DDIM for sd/sdxl, flow-matching Euler for sd3) with classifier-free
     guidance; gradients flow through the last `k` steps only, or, given `grad_steps` (e.g.
@@ -192,15 +193,15 @@ def sample(
     `transition_kl` of the step to the base model's (one more denoiser call, adapter off, no graph).
     `fold` (`perf.lora_prefix: fold`): the calls before the first kept step (all of them without a
     graph) run with the LoRA folded into the weights; the window runs the wrapped layers.
+    `stop_input_grad` (DRTune): every denoiser call gets x_t detached, so the gradient reaches a kept
+    call's parameters through the scheduler's linear updates only, never through another call's input.
     """
     num_steps, guidance_scale, eta, resolution = (settings.num_steps, settings.guidance_scale, settings.eta,
                                                   settings.resolution)
     family, scheduler = family_of(pipe), pipe.scheduler
     device, batch = prompt_embeds.embeds.device, prompt_embeds.batch
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (batch, denoiser_of(pipe).config.in_channels, resolution // scale, resolution // scale)
-    latents = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
-    family.set_timesteps(pipe, num_steps, device, shape)
+    latents = initial_noise(pipe, batch, resolution, generator, device)
+    family.set_timesteps(pipe, num_steps, device, latents.shape)
     text = guidance_text(denoiser, prompt_embeds, negative_embeds, guidance_scale)
     window = sorted(set(grad_steps)) if grad_steps is not None else list(grad_window(num_steps, k))
     keep = set(window)
@@ -218,8 +219,8 @@ def sample(
                     phases.mark("prefix")
             model = denoiser if with_graph or prefix_denoiser is None else prefix_denoiser
             with torch.set_grad_enabled(with_graph):
-                noise = guided_prediction(pipe, model, latents, t, text, guidance_scale, resolution,
-                                          plan if with_graph else None)
+                noise = guided_prediction(pipe, model, latents.detach() if stop_input_grad else latents, t, text,
+                                          guidance_scale, resolution, plan if with_graph else None)
             with torch.set_grad_enabled(grad_allowed):  # the latents' own path keeps its graph
                 if kl_terms is not None and with_graph:
                     kl_terms.append(base_step_kl(pipe, model, latents, t, text, noise, settings))
@@ -238,6 +239,13 @@ def sample(
         phases.mark("decode")
     return SampleOutput(images=images, latents=latents, grad_steps=window if grad_allowed else [],
                         kept=plan.kept, recomputed=plan.recomputed, kept_bytes=plan.kept_bytes)
+
+
+def initial_noise(pipe, batch: int, resolution: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The sampler's x_T: the first draws of `generator` (on CPU), batch × C × side/8 × side/8."""
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (batch, denoiser_of(pipe).config.in_channels, resolution // scale, resolution // scale)
+    return torch.randn(shape, generator=generator).to(device) * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
 
 
 def base_step_kl(pipe, denoiser, latents: torch.Tensor, t: torch.Tensor, text: Conditioning, pred: torch.Tensor,

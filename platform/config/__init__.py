@@ -20,16 +20,17 @@ from ..models.full_size import ARCH_NAMES
 from ..presets import PRESET_DIR, list_presets, resolve_preset
 from .load import load_config, run_name
 from .schema import (ALGORITHMS, CHECKPOINT_MODES, COMPILE_MODES, DTYPE_NAMES, FAMILY_CHOICES, SAFE_NAME,
-                     SAFE_NAME_TEXT, TRACKING_SCHEMES, DDPOSection, DeepSpeedSection, DraftLVSection, LoraSection,
-                     ModelSection, OptimSection, PerfSection, RaySection, ReFLSection, RunConfig, SamplingSection,
-                     TrackingSection, TrainerSection, TruncationSection, flatten, from_dict, run_params, to_dict,
-                     to_yaml)
+                     SAFE_NAME_TEXT, TRACKING_SCHEMES, DDPOSection, DeepSpeedSection, DirectAlignSection,
+                     DraftLVSection, DRTuneSection, LoraSection, ModelSection, OptimSection, PerfSection, RaySection,
+                     ReFLSection, RunConfig, SamplingSection, TrackingSection, TrainerSection, TruncationSection,
+                     flatten, from_dict, run_params, to_dict, to_yaml)
 from .validate import refl_bounds, validate
 
 __all__ = ["ALGORITHMS", "ARCH_NAMES", "CHECKPOINT_MODES", "COMPILE_MODES", "DTYPE_NAMES", "FAMILY_CHOICES",
            "PRESET_DIR",
            "PROMPT_DIR", "SAFE_NAME", "SAFE_NAME_TEXT", "TRACKING_SCHEMES", "ConfigError", "DDPOSection",
-           "DeepSpeedSection", "DraftLVSection", "LoraSection", "ModelSection", "OptimSection", "PerfSection",
+           "DeepSpeedSection", "DirectAlignSection", "DraftLVSection", "DRTuneSection", "LoraSection", "ModelSection",
+           "OptimSection", "PerfSection",
            "RaySection", "ReFLSection", "RunConfig", "SamplingSection", "TrackingSection", "TrainerSection",
            "TruncationSection", "check_paths", "flatten", "from_dict", "list_presets", "load_config", "prompt_path",
            "read_prompt_file", "refl_bounds", "resolve_preset", "run_name", "run_params", "to_dict", "to_yaml",

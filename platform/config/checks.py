@@ -74,7 +74,7 @@ def _check_family(cfg: RunConfig) -> None:
            f"false applies to sd3 pipelines only (this one is {family}); accepted: true")
     _check(family != "sd3" or cfg.trainer.algorithm != "ddpo", "trainer.algorithm",
            "ddpo needs a stochastic DDIM sampler, and sd3's flow-matching Euler sampler is deterministic; accepted "
-           "for sd3: alignprop, grpo (Flow-GRPO's SDE sampler, grpo.sde_noise), refl, draft_lv")
+           "for sd3: alignprop, grpo (Flow-GRPO's SDE sampler, grpo.sde_noise), refl, draft_lv, drtune, direct_align")
     _check(family != "sd3" or cfg.sampling.eta == 0, "sampling.eta",
            f"got {cfg.sampling.eta} for an sd3 pipeline, whose flow-matching Euler sampler is deterministic; "
            "accepted: 0 (grpo's sampler noise on sd3 is grpo.sde_noise)")

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..presets import resolve_preset
 from ..yaml_files import load_bounded
 from .checks import check_paths
-from .schema import GRPOSection, RunConfig, flatten, to_dict
+from .schema import DirectAlignSection, DRTuneSection, GRPOSection, RunConfig, flatten, to_dict
 from .validate import validate
 
 
@@ -152,7 +152,9 @@ _ADDED_DEFAULTS = {"model.arch": None, "sampling.activation_budget_mb": None, "p
                    "trainer.eval_eta": None, "trainer.eval_num_steps": None, "trainer.val_prompts": [],
                    "trainer.val_prompt_file": None, "trainer.images_per_prompt": 1, "ddpo.updates_per_epoch": 1,
                    "optim.kl_coef": 0.0, "trainer.eval_lora_scales": [1.0],
-                   **{f"grpo.{f.name}": f.default for f in fields(GRPOSection)}}
+                   **{f"grpo.{f.name}": f.default for f in fields(GRPOSection)},
+                   **{f"drtune.{f.name}": f.default for f in fields(DRTuneSection)},
+                   **{f"direct_align.{f.name}": f.default for f in fields(DirectAlignSection)}}
 
 
 def run_name(cfg: RunConfig) -> str:

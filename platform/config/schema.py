@@ -19,7 +19,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 CHECKPOINT_MODES = ("all", "none", "auto")  # sampling.checkpoint_unet (trainers/sampling.py)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # perf.compile_mode
 FAMILY_CHOICES = ("auto", *FAMILY_NAMES)  # model.family (trainers/families.py)
-ALGORITHMS = ("alignprop", "ddpo", "grpo", "refl", "draft_lv")  # trainer.algorithm
+ALGORITHMS = ("alignprop", "ddpo", "grpo", "refl", "draft_lv", "drtune", "direct_align")  # trainer.algorithm
 # Run, sweep and config names become directory names and MLflow tag values: keep them plain.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 SAFE_NAME_TEXT = "letters, digits and . _ + - (at most 128, not starting with . _ + -)"
@@ -136,7 +136,8 @@ class TrainerSection:
     fail_at_step: Optional[int] = None  # fault injection for tests: raise at this step unless resumed
     # alignprop (reward backprop through the last K steps) | ddpo (RL: DDPO-IS with PPO clipping) |
     # grpo (RL: group-normalised advantages, PPO clip, KL to the base; Flow-GRPO / DanceGRPO) |
-    # refl (reward on x̂0 from one random late step) | draft_lv (K = 1 with re-noised copies)
+    # refl (reward on x̂0 from one random late step) | draft_lv (K = 1 with re-noised copies) |
+    # drtune (K calls spread over the chain, inputs detached) | direct_align (one step anywhere, x̂0 from known noise)
     algorithm: str = "alignprop"
 
 
@@ -192,6 +193,27 @@ class DraftLVSection:
     copies (DRaFT-LV, Clark et al. 2023, n = 2)."""
 
     copies: int = 2
+
+
+@dataclass
+class DRTuneSection:
+    """trainer.algorithm=drtune (Wu et al., ECCV 2024, arXiv 2405.00760; trainers/drtune.py): the reward's
+    gradient reaches `train_steps` denoiser calls spread evenly over the chain with a random offset per
+    (step, micro-batch), early ones included; with `stop_input_grad` each call's input x_t is detached,
+    so the gradient runs back through the samplers' linear updates only, never through a call's input."""
+
+    train_steps: int = 3  # K (RuoyuWang-2077/FlowBP's flux1_drtune.yaml: 3 of 25; the paper's K unconfirmed here)
+    stop_input_grad: bool = True  # false: the same steps with the full chain (an ablation)
+
+
+@dataclass
+class DirectAlignSection:
+    """trainer.algorithm=direct_align (SRPO, arXiv 2509.06942; trainers/direct_align.py): sample x0 without a
+    graph, noise it with its own initial noise to a sampling step i drawn from [t_low·N, t_high·N), take that
+    one step with a graph, recover x̂0 in closed form from the known noise, reward on x̂0."""
+
+    t_low: float = 0.1  # fractions of the sampling schedule (0: pure noise, 1: clean); SRPO (FLUX): steps 5..25
+    t_high: float = 0.5  # of a 50-step schedule (σ ≈ 0.96 … 0.75 at shift 3)
 
 
 @dataclass
@@ -252,6 +274,8 @@ class RunConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
     refl: ReFLSection = field(default_factory=ReFLSection)
     draft_lv: DraftLVSection = field(default_factory=DraftLVSection)
+    drtune: DRTuneSection = field(default_factory=DRTuneSection)
+    direct_align: DirectAlignSection = field(default_factory=DirectAlignSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     perf: PerfSection = field(default_factory=PerfSection)
     ray: RaySection = field(default_factory=RaySection)
@@ -271,7 +295,8 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-ALGORITHM_SECTIONS = ("ddpo", "grpo", "refl", "draft_lv")  # the section that the algorithm of that name alone reads
+# the section that the algorithm of that name alone reads
+ALGORITHM_SECTIONS = ("ddpo", "grpo", "refl", "draft_lv", "drtune", "direct_align")
 
 
 def run_params(cfg: "RunConfig") -> dict[str, Any]:

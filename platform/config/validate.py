@@ -27,7 +27,7 @@ BOUNDS = {
     "grpo.inner_epochs": (1, 100), "grpo.clip_range": (0, 100.0), "grpo.adv_clip_max": (0, 1e3),
     "grpo.kl_coef": (0, 1e6), "grpo.group_size": (1, 4096), "ddpo.updates_per_epoch": (1, 1024),
     "grpo.updates_per_epoch": (1, 1024), "trainer.images_per_prompt": (1, 4096), "optim.kl_coef": (0, 1e6),
-    "draft_lv.copies": (1, 64),
+    "draft_lv.copies": (1, 64), "drtune.train_steps": (1, 1000),
 }
 MAX_REWARD_WEIGHT = 1e9
 
@@ -214,6 +214,12 @@ def _validate_algorithm(cfg: RunConfig) -> None:
     _check(0 <= low <= high <= n - 1, "refl.low",
            f"got low={low}, high={high}; accepted: 0 <= low <= high <= sampling.num_steps - 1 ({n - 1})")
     _check(cfg.draft_lv.copies >= 1, "draft_lv.copies", f"got {cfg.draft_lv.copies}; accepted: an integer >= 1")
+    _check(cfg.drtune.train_steps <= n, "drtune.train_steps",
+           f"got {cfg.drtune.train_steps}; accepted: 1 <= train_steps <= sampling.num_steps ({n})")
+    low, high = cfg.direct_align.t_low, cfg.direct_align.t_high
+    _check(0 <= low < high <= 1 and int(low * n) < math.ceil(high * n), "direct_align.t_low",
+           f"got t_low={low}, t_high={high} with sampling.num_steps={n}; accepted: 0 <= t_low < t_high <= 1 "
+           "spanning at least one sampling step")
 
 
 def _validate_perf(cfg: RunConfig) -> None:
