@@ -1,6 +1,6 @@
 """The AlignProp recipe, one worker's view: setup → train step → evaluate → save/load checkpoint → train.
 `trainer.algorithm` picks the train step: alignprop (below), refl and draft_lv (a few lines each in
-`_train_images`), drtune (trainers/drtune.py), direct_align (trainers/direct_align.py), ddpo
+`train_images`), drtune (trainers/drtune.py), direct_align (trainers/direct_align.py), ddpo
 (trainers/ddpo.py), grpo (trainers/grpo.py); the rest of the lifecycle is shared.
 
 Run through Ray Train (one copy per worker) by `alignprop train --config tiny-cpu`; the recipe itself
@@ -195,7 +195,7 @@ class AlignPropRecipe:
             prompts = self.pick_prompts(step, micro)
             kl_terms = [] if cfg.optim.kl_coef > 0 else None
             with self.autocast():
-                images, scored_prompts, k, per_image = self._train_images(prompts, step, micro, kl_terms)
+                images, scored_prompts, k, per_image = self.train_images(prompts, step, micro, kl_terms)
                 # before any running statistics exist, normalised rewards use statistics of all ranks
                 total, parts = self.rewards(images, scored_prompts, gather=self.gather)
             ks.append(k)
@@ -220,7 +220,7 @@ class AlignPropRecipe:
             metrics["k_min"], metrics["k_max"] = float(min(ks)), float(max(ks))
         return metrics
 
-    def _train_images(self, prompts: list[str], step: int, micro: int, kl_terms: Optional[list] = None):
+    def train_images(self, prompts: list[str], step: int, micro: int, kl_terms: Optional[list] = None):
         """(differentiable images, their prompts, steps with a graph, denoiser evaluations per sampled
         image incl. checkpoint recomputation) for the reward-gradient algorithms; `kl_terms` gets each kept
         step's KL to the base model (sampling.base_step_kl)."""
