@@ -119,7 +119,8 @@ def _add_compare(sub) -> None:
     compare = sub.add_parser("compare", help="the methods compared fairly: per-arm lr sweeps on validation, "
                              "seeds on test, cost ratios with CIs (rerun = resume)")
     _config_args(compare)
-    compare.add_argument("--protocol", default="paper", help="paper (5 arms, hours on 2 cores) | tiny (the suite's)")
+    compare.add_argument("--protocol", default="paper", help="paper (5 arms, hours on 2 cores) | layout | layout3 "
+                         "(DRTune, Direct-Align, AlignProp, ReFL at count 1 | 3) | tiny (the suite's)")
     compare.add_argument("--name", help="comparison name: its MLflow experiment and sweep prefix "
                          "(default: <config>-<protocol>; same name = resume)")
     compare.add_argument("--only", help="comma-separated arms (default: all of the protocol's)")

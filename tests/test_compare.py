@@ -84,6 +84,24 @@ def compare_cli(tmp_path, *overrides):
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=900)
 
 
+def test_a_reference_arm_sets_the_targets_of_the_layout_protocols():
+    from alignprop.platform.compare.protocol import LAYOUT3
+    from alignprop.platform.compare.report import AXES, ratio_rows
+
+    def grow(slope: float) -> dict:
+        return {"gold": {axis: linear(slope, np.array([0.0, 0.01, -0.01]), budget=480) for axis, _ in AXES}}
+
+    curves = {"alignprop": grow(1.0), "drtune": grow(2.0), "direct_align": grow(0.5), "refl": grow(1.0)}
+    rows = ratio_rows(curves, list(LAYOUT3.arms))
+    assert {r["baseline"] for r in rows} == {"alignprop"} and {r["method"] for r in rows} == {"drtune", "direct_align",
+                                                                                              "refl"}
+    level = next(r for r in rows if r["target"] == "67% of the way to alignprop" and r["method"] == "drtune"
+                 and r["axis"] == "images_seen")
+    assert level["ratio"] == pytest.approx(2.0, rel=0.05)  # drtune's slope is twice alignprop's
+    assert LAYOUT3.arms[0].sets_targets and not LAYOUT3.arms[0].rl
+    assert all("target=3" in o for o in LAYOUT3.common[-3:])
+
+
 def test_the_lr_grid_grows_past_the_end_where_the_best_rate_sits():
     from alignprop.platform.compare.driver import beyond
 

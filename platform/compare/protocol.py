@@ -1,5 +1,7 @@
 """The arms of a fair comparison: each method at its own sampler, structure, learning-rate grid and budget
-(`PAPER`; `TINY` is what the suite runs); `arm_config` makes an arm's run config. driver.py runs them:
+(`PAPER`: the paper's claim against DDPO and GRPO; `LAYOUT`, `LAYOUT3`: DRTune and Direct-Align against
+AlignProp and ReFL at count 1 and 3; `TINY` is what the suite runs); `arm_config` makes an arm's run config.
+driver.py runs them:
 
 Phase 1 sweeps each arm's `lrs` on seed 0 (`<name>-<arm>-lr`) and picks the rate with the largest area
 under its validation gold curve (`val/<gold>` against images, trapezoids over the budget); while that rate
@@ -25,7 +27,12 @@ class Arm:
     overrides: tuple[str, ...]  # onto the preset and the protocol's common overrides
     lrs: tuple[float, ...]
     budget: int  # images sampled (all ranks)
-    rl: bool = False  # an RL baseline: its final reward is a target of the ratio table
+    rl: bool = False  # an RL baseline: its final reward is a target of the ratio table, with a go/no-go
+    reference: bool = False  # a baseline that is not RL: its final reward is a target of the ratio table too
+
+    @property
+    def sets_targets(self) -> bool:
+        return self.rl or self.reference
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,29 @@ PAPER = Protocol(
            "grpo": "η = 1, group 8, KL 0.04, 2 updates/epoch"},
 )
 
+
+def _layout(name: str, count: int) -> Protocol:
+    """Reward gradients into early steps (DRTune, Direct-Align) beside AlignProp's last K and ReFL's one late
+    step, on the count task at target `count`: layout is decided in the early, high-noise steps."""
+    target = (f"rewards.toy_count.target={count}", f"eval_rewards.toy_count_exact.target={count}",
+              f"eval_rewards.toy_count_judge.target={count}")
+    grid = (1e-3, 3e-3, 1e-2)
+    return Protocol(
+        name=name, common=PAPER.common + target, gold="toy_count_judge", proxy="toy_count", seeds=(1, 2, 3),
+        arms=(
+            Arm("alignprop", PAPER.arms[0].overrides, grid, 480, reference=True),
+            Arm("drtune", ("trainer.algorithm=drtune", "sampling.eta=0.0", "drtune.train_steps=3"), grid, 480),
+            Arm("direct_align", ("trainer.algorithm=direct_align", "sampling.eta=0.0", "direct_align.t_low=0.1",
+                                 "direct_align.t_high=0.5"), grid, 480),
+            Arm("refl", PAPER.arms[1].overrides, grid, 480),
+        ),
+        notes={"alignprop": "η = 0, K ~ U{1..N}", "drtune": "η = 0, K = 3 spread, inputs detached",
+               "direct_align": "η = 0, one step in [0.1N, 0.5N)", "refl": "η = 1, stop step in [⌊3N/4⌋, N−1]"},
+    )
+
+
+LAYOUT, LAYOUT3 = _layout("layout", 1), _layout("layout3", 3)
+
 # What the suite runs: two arms, two seeds, a few updates (tests/test_compare.py)
 TINY = Protocol(
     name="tiny",
@@ -80,7 +110,7 @@ TINY = Protocol(
     ),
 )
 
-PROTOCOLS = {p.name: p for p in (PAPER, TINY)}
+PROTOCOLS = {p.name: p for p in (PAPER, LAYOUT, LAYOUT3, TINY)}
 
 
 def arm_config(preset: str, overrides: list[str], protocol: Protocol, arm: Arm, name: str,

@@ -77,11 +77,11 @@ def arm_curves(uri: str, experiment: str, sweep: str, protocol: Protocol) -> dic
 
 
 def ratio_rows(curves: dict[str, dict[str, dict[str, Curve]]], arms: list[Arm]) -> list[dict[str, Any]]:
-    """For every target τ, RL arm and reward-gradient arm, kind (gold, proxy) and axis: cost_RL(τ) /
+    """For every target τ, baseline (an RL or reference arm) and other arm, kind (gold, proxy) and axis: cost_RL(τ) /
     cost_arm(τ) with its CI, only where both cross τ by 2 SE."""
     rows = []
-    rl = [a.name for a in arms if a.rl and a.name in curves and "gold" in curves[a.name]]
-    others = [a.name for a in arms if not a.rl and a.name in curves and "gold" in curves[a.name]]
+    rl = [a.name for a in arms if a.sets_targets and a.name in curves and "gold" in curves[a.name]]
+    others = [a.name for a in arms if not a.sets_targets and a.name in curves and "gold" in curves[a.name]]
     for kind in ("gold", "proxy"):
         present = [n for n in rl + others if kind in curves[n]]
         if not rl or not others or not present:
@@ -139,7 +139,7 @@ def markdown(protocol: Protocol, arms: list[Arm], curves, chosen: dict, phase1: 
             lines.append(f"\nGo/no-go ({arm.name}, seed 0, lr {chosen[arm.name]:g}): validation gold "
                          f"{verdict['rise']:+.4f} ({verdict['z']:.1f} SE) within {verdict['within']} images: "
                          f"{'go' if verdict['go'] else 'no-go'}.")
-    lines += ["", "Cost of the RL baseline over the method's to reach τ (95 % bootstrap CI over seeds; a ratio only "
+    lines += ["", "Cost of the baseline over the method's to reach τ (95 % bootstrap CI over seeds; a ratio only "
               "where both curves cross τ by 2 SE):", "",
               "| kind | target τ | baseline | method | axis | baseline cost | method cost | ratio [CI] |",
               "|---|---|---|---|---|---|---|---|"]
