@@ -125,6 +125,8 @@ def _add_compare(sub) -> None:
                          "(default: <config>-<protocol>; same name = resume)")
     compare.add_argument("--only", help="comma-separated arms (default: all of the protocol's)")
     compare.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs hold)")
+    compare.add_argument("--skip-go-no-go", action="store_true", help="spend the RL budgets even if the first "
+                         "short DDPO run's validation gold did not rise by 2 SE")
     _cluster_args(compare)
 
 
@@ -139,7 +141,8 @@ def _compare(args: argparse.Namespace) -> None:
         raise ConfigError(f"--name: got {name!r}; accepted: {SAFE_NAME_TEXT}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent: got {args.max_concurrent}; accepted: an integer >= 1")
-    run_compare(args.config, _with_flags(args), PROTOCOLS[args.protocol], name, args.only, args.max_concurrent)
+    run_compare(args.config, _with_flags(args), PROTOCOLS[args.protocol], name, args.only, args.max_concurrent,
+                args.skip_go_no_go)
 
 
 # ---------------------------------------------------------------------------------- sample

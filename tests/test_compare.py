@@ -4,6 +4,7 @@ tiny protocol run for real (two arms, two seeds, a few updates; local Ray, MLflo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -100,6 +101,21 @@ def test_a_reference_arm_sets_the_targets_of_the_layout_protocols():
     assert level["ratio"] == pytest.approx(2.0, rel=0.05)  # drtune's slope is twice alignprop's
     assert LAYOUT3.arms[0].sets_targets and not LAYOUT3.arms[0].rl
     assert all("target=3" in o for o in LAYOUT3.common[-3:])
+
+
+def test_the_go_no_go_runs_first_on_ddpo_and_says_go_only_at_two_standard_errors():
+    from alignprop.platform.compare.driver import go_no_go_verdict
+    from alignprop.platform.compare.protocol import PAPER, arm_config
+
+    ddpo = next(a for a in PAPER.arms if a.name == "ddpo")
+    assert ddpo.go_no_go == 2048 and all(not a.go_no_go for a in PAPER.arms if a.name != "ddpo")
+    probe = arm_config("toy-count", [], PAPER, replace(ddpo, budget=ddpo.go_no_go), "x", lr=1e-3)
+    assert probe.trainer.max_steps == 32 and probe.optim.lr == 1e-3  # 64 images per step
+    images, errors = np.array([0, 512, 1024, 2048]), np.full(4, 0.05)
+    text, go = go_no_go_verdict(ddpo, go_no_go(images, np.array([-1.5, -1.45, -1.4, -1.3]), errors, 2048))
+    assert go and "go/no-go: validation gold rose +0.2 (2.8 SE) within 2048 images: go" in text
+    text, go = go_no_go_verdict(ddpo, go_no_go(images, np.array([-1.5, -1.45, -1.48, -1.44]), errors, 2048))
+    assert not go and text.endswith("NO-GO, under 2 SE")
 
 
 def test_the_lr_grid_grows_past_the_end_where_the_best_rate_sits():

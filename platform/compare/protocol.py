@@ -29,6 +29,7 @@ class Arm:
     budget: int  # images sampled (all ranks)
     rl: bool = False  # an RL baseline: its final reward is a target of the ratio table, with a go/no-go
     reference: bool = False  # a baseline that is not RL: its final reward is a target of the ratio table too
+    go_no_go: int = 0  # images of a first one-seed run at the grid's middle rate that must move the gold (0: none)
 
     @property
     def sets_targets(self) -> bool:
@@ -62,7 +63,7 @@ PAPER = Protocol(
             480),
         Arm("ddpo", ("trainer.algorithm=ddpo", "sampling.eta=1.0", "optim.grad_accum=8", "ddpo.updates_per_epoch=2",
                      "trainer.images_per_prompt=4", "ddpo.stats_buffer=16", "ddpo.stats_min_count=4"),
-            (3e-4, 1e-3, 3e-3), 6400, rl=True),
+            (3e-4, 1e-3, 3e-3), 6400, rl=True, go_no_go=2048),
         Arm("grpo", ("trainer.algorithm=grpo", "sampling.eta=1.0", "optim.grad_accum=8", "grpo.group_size=8",
                      "grpo.kl_coef=0.04", "grpo.updates_per_epoch=2"), (3e-4, 1e-3, 3e-3), 6400, rl=True),
     ),

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..sweeps.resume import sweep_children
 from .protocol import Arm, Protocol
-from .ratios import Curve, auc, crosses, go_no_go, ranking, ratio_ci, targets
+from .ratios import GO_NO_GO_IMAGES, Curve, auc, crosses, go_no_go, ranking, ratio_ci, targets
 
 AXES = (("images_seen", "images sampled"), ("unet_evals", "denoiser evaluations"), ("wall_s", "training seconds"))
 
@@ -38,8 +38,8 @@ def run_points(client, run_id: str, metrics: tuple[str, ...]) -> dict[str, np.nd
     return out
 
 
-def lr_scores(uri: str, experiment: str, sweep: str, val_gold: str,
-              required: bool = True) -> dict[float, dict[str, Any]]:
+def lr_scores(uri: str, experiment: str, sweep: str, val_gold: str, required: bool = True,
+              within: int = GO_NO_GO_IMAGES) -> dict[float, dict[str, Any]]:
     """Phase 1: per learning rate, the validation gold's AUC over images and the go/no-go verdict; a sweep
     with no finished trial is an error where `required` (an extension's diverged rate is just unscored)."""
     from mlflow import MlflowClient
@@ -53,7 +53,7 @@ def lr_scores(uri: str, experiment: str, sweep: str, val_gold: str,
         errors = np.zeros(len(values)) if np.isnan(errors).any() else errors
         scores[float(run.data.params["optim.lr"])] = {
             "auc": auc(points["images_seen"], values), "final": float(values[-1]),
-            "go_no_go": go_no_go(points["images_seen"], values, errors), "run_id": run.info.run_id}
+            "go_no_go": go_no_go(points["images_seen"], values, errors, within), "run_id": run.info.run_id}
     if not scores and required:
         raise RuntimeError(f"sweep {sweep}: no finished trial to choose a learning rate from")
     return scores
