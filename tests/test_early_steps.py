@@ -150,6 +150,7 @@ def test_drtune_runs_through_the_recipe_with_the_common_x_axis(family_preset, de
 
 
 def test_bad_drtune_and_direct_align_settings_are_one_line_errors():
+    load_config("tiny-cpu", ["sampling.num_steps=2", "truncation.k=1"])  # another algorithm ignores both sections
     with pytest.raises(ConfigError, match=r"drtune\.train_steps: got 11; accepted: 1 <= train_steps <= "):
         load_config("tiny-cpu", ["trainer.algorithm=drtune", "drtune.train_steps=11", "sampling.num_steps=10"])
     with pytest.raises(ConfigError, match=r"direct_align\.t_low: got t_low=0.5, t_high=0.5"):

@@ -214,10 +214,10 @@ def _validate_algorithm(cfg: RunConfig) -> None:
     _check(0 <= low <= high <= n - 1, "refl.low",
            f"got low={low}, high={high}; accepted: 0 <= low <= high <= sampling.num_steps - 1 ({n - 1})")
     _check(cfg.draft_lv.copies >= 1, "draft_lv.copies", f"got {cfg.draft_lv.copies}; accepted: an integer >= 1")
-    _check(cfg.drtune.train_steps <= n, "drtune.train_steps",
+    _check(a != "drtune" or cfg.drtune.train_steps <= n, "drtune.train_steps",
            f"got {cfg.drtune.train_steps}; accepted: 1 <= train_steps <= sampling.num_steps ({n})")
     low, high = cfg.direct_align.t_low, cfg.direct_align.t_high
-    _check(0 <= low < high <= 1 and int(low * n) < math.ceil(high * n), "direct_align.t_low",
+    _check(a != "direct_align" or (0 <= low < high <= 1 and int(low * n) < math.ceil(high * n)), "direct_align.t_low",
            f"got t_low={low}, t_high={high} with sampling.num_steps={n}; accepted: 0 <= t_low < t_high <= 1 "
            "spanning at least one sampling step")
 
