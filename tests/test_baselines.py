@@ -232,7 +232,8 @@ def test_a_short_ddpo_run_raises_a_non_differentiable_reward_on_the_toy_world(de
 
 def test_algorithm_keys_are_validated_before_anything_runs():
     with pytest.raises(ConfigError,
-                       match=r"^trainer.algorithm: got 'ppo'; accepted: alignprop, ddpo, grpo, refl, draft_lv$"):
+                       match=r"^trainer.algorithm: got 'ppo'; accepted: alignprop, ddpo, grpo, refl, draft_lv, drtune, "
+                       r"direct_align$"):
         load_config("tiny-cpu", ["trainer.algorithm=ppo"])
     with pytest.raises(ConfigError, match=r"^sampling.eta: got 0 with trainer.algorithm=ddpo; accepted: 0 < eta <= 1"):
         load_config("toy-count", ["trainer.algorithm=ddpo"])

@@ -27,12 +27,13 @@ def test_tiny_preset_runs_offline_on_two_workers():
 def test_run_params_lead_with_the_algorithm_and_list_only_its_own_section():
     from alignprop.platform.config import flatten, run_params, to_dict
 
-    for algorithm, own in (("alignprop", None), ("ddpo", "ddpo"), ("refl", "refl"), ("draft_lv", "draft_lv")):
+    for algorithm, own in (("alignprop", None), ("ddpo", "ddpo"), ("refl", "refl"), ("draft_lv", "draft_lv"),
+                           ("drtune", "drtune"), ("direct_align", "direct_align")):
         cfg = load_config("tiny-cpu", [f"trainer.algorithm={algorithm}"], paths=False)
         params = run_params(cfg)
         sections = {k.split(".", 1)[0] for k in params}
         assert min(params) == "algorithm" and params["algorithm"] == algorithm
-        assert sections & {"ddpo", "refl", "draft_lv"} == ({own} if own else set()), algorithm
+        assert sections & {"ddpo", "refl", "draft_lv", "drtune", "direct_align"} == ({own} if own else set()), algorithm
         assert {k: v for k, v in params.items() if k != "algorithm"}.items() <= flatten(to_dict(cfg)).items()
 
 
